@@ -1,0 +1,23 @@
+"""mvpp_kernels: fused kernels for micro-video popularity prediction, usable as drop-in torch ops.
+
+Every op runs on every backend (CUDA C++, Triton, C++ CPU, pure-torch reference); pick one with
+MVPP_BACKEND=auto|cuda|triton|cpu|reference or the op's `backend=` keyword, and see what is built
+and what `auto` picks with `mvpp_kernels.backend_info()`.
+
+Importing never fails because the compiled extension is missing or broken: a warning, and `auto`
+falls back.
+"""
+from . import _library  # noqa: F401  (op schemas, then the compiled extension)
+from ._backend import BACKENDS, BackendUnavailableError, backend_info, format_backend_info
+from .ops.selective_scan import selective_scan, selective_scan_ref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "backend_info",
+    "format_backend_info",
+    "selective_scan",
+    "selective_scan_ref",
+]

@@ -1,0 +1,105 @@
+"""The `mvpp` op namespace: every compiled op's schema, defined once here in Python so the ops exist
+on every install (CPU-only, no compiler, no GPU), then the compiled extension, which only registers
+implementations (TORCH_LIBRARY_IMPL(mvpp, CPU|CUDA, m)).
+
+Fake (meta) implementations and autograd for each op live next to the op's public function in
+`mvpp_kernels/ops/<op>/`, which imports this module first. Triton ops are `torch.library.triton_op`s
+defined in the op's `triton.py` (their schema is inferred from the Python signature).
+
+Conventions for the schemas below:
+- Optional inputs are `Tensor?`; absent optional gradients come back as empty tensors (shape (0,)).
+- Reductions over the batch that would otherwise need float atomics (dA, dD, d(delta_bias), and dB/dC
+  when B/C are per-channel constants) come back as per-batch partials in float32, and the Python
+  wrapper sums them: the result is deterministic and no kernel needs cross-thread float atomics.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import torch
+
+NAMESPACE = "mvpp"
+_lib = torch.library.Library(NAMESPACE, "DEF")
+
+
+def _define(schema: str) -> None:
+    _lib.define(schema)
+
+
+# ----------------------------------------------------------------------------------------------
+# selective_scan (issue: foundation)
+#   u, delta: (batch, dim, L); A: (dim, N); B, C: (dim, N) or (batch, G, N, L); D, delta_bias: (dim,)
+#   z: (batch, dim, L); initial_state: (batch, dim, N) float32; lengths: (batch,) int64
+#   chunk_states: (batch, dim, ceil(L / chunk_size), N) float32 -- the state after each chunk,
+#   saved by the forward for the backward's recomputation (only chunk boundaries, never every step).
+# ----------------------------------------------------------------------------------------------
+_define(
+    "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+    "Tensor? delta_bias, Tensor? initial_state, Tensor? lengths, bool delta_softplus, int chunk_size) "
+    "-> (Tensor out, Tensor last_state, Tensor chunk_states)"
+)
+# Returns: du, ddelta (input dtypes); dA (batch, dim, N) f32 partials; dB, dC: B's/C's shape in f32
+# when variable, (batch, dim, N) f32 partials when constant; dD, ddelta_bias (batch, dim) f32
+# partials (zeros when absent); dz (z's shape, or (0,)); dinitial_state (batch, dim, N) f32.
+_define(
+    "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, "
+    "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, Tensor? lengths, "
+    "Tensor chunk_states, bool delta_softplus, int chunk_size, bool deterministic) "
+    "-> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
+    "Tensor ddelta_bias, Tensor dinitial_state)"
+)
+
+# ----------------------------------------------------------------------------------------------
+# Further ops (mhp_scan, frame_score, cluster_lookup/cluster_update) add their schemas below, one
+# section each, in the same style.
+# ----------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled extension. Loaded after every schema above is defined; never raises on import.
+# ----------------------------------------------------------------------------------------------
+_COMPILED: dict = {"loaded": False, "path": None, "error": None}
+
+
+def _find_compiled() -> list[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
+
+
+def _load_compiled() -> None:
+    if os.environ.get("MVPP_NO_COMPILED", "0") == "1":
+        _COMPILED["error"] = "disabled by MVPP_NO_COMPILED=1"
+        return
+    paths = _find_compiled()
+    if not paths:
+        _COMPILED["error"] = "not built (pip install --no-build-isolation -e . builds it)"
+        return
+    try:
+        torch.ops.load_library(paths[0])
+    except Exception as e:  # an ABI mismatch or missing symbol must not break `import mvpp_kernels`
+        _COMPILED["error"] = f"failed to load {os.path.basename(paths[0])}: {type(e).__name__}: {e}"
+        warnings.warn(
+            f"mvpp_kernels: the compiled extension could not be loaded ({_COMPILED['error']}); "
+            "the 'auto' backend falls back to Triton/reference. Rebuild with "
+            "`pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return
+    _COMPILED["loaded"] = True
+    _COMPILED["path"] = paths[0]
+
+
+def compiled_loaded() -> bool:
+    return bool(_COMPILED["loaded"])
+
+
+def compiled_status() -> str:
+    if _COMPILED["loaded"]:
+        return f"loaded from {_COMPILED['path']}"
+    return str(_COMPILED["error"])
+
+
+_load_compiled()

@@ -1,0 +1,186 @@
+"""Test and benchmark helpers: the per-dtype tolerance table, input makers, NaN poisoning and
+comparison against a float64 reference. Used by tests/ and benchmarks/ (and by downstream users
+checking their own builds).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+# (atol, rtol) for a kernel's output against the float64 reference, per *input* dtype. Kernels
+# accumulate in float32 for every input dtype, so the low-precision rows reflect rounding of the
+# inputs/outputs, not of the accumulation.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (2e-5, 2e-4),
+    torch.float16: (3e-3, 5e-3),
+    torch.bfloat16: (2e-2, 3e-2),
+}
+
+# Gradients go through a longer chain of roundings (recomputation, reductions over L).
+GRAD_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-9, 1e-7),
+    torch.float32: (1e-4, 1e-3),
+    torch.float16: (1e-2, 2e-2),
+    torch.bfloat16: (5e-2, 8e-2),
+}
+
+
+def tolerance(dtype: torch.dtype, grad: bool = False) -> tuple[float, float]:
+    table = GRAD_TOLERANCES if grad else TOLERANCES
+    if dtype not in table:
+        raise KeyError(f"no tolerance for dtype {dtype}")
+    return table[dtype]
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a tensor with NaN (floats) or a sentinel (ints) so an element a kernel forgets to write shows."""
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(-(2**31) + 7 if t.dtype != torch.uint8 else 255)
+    return t
+
+
+@contextlib.contextmanager
+def poisoned_allocations(device: str | torch.device = "cpu"):
+    """Within the block, every uninitialised allocation (torch.empty, new_empty, empty_like, and
+    at::empty inside C++ kernels) is filled with NaN for floats and the max value for ints, so an
+    output element a kernel forgets to write shows. Uses torch's own mechanism:
+    deterministic mode (warn-only) + `torch.utils.deterministic.fill_uninitialized_memory`."""
+    import torch.utils.deterministic as det
+
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = det.fill_uninitialized_memory
+    # With deterministic mode on and fill_uninitialized_memory set, torch.empty* fill floats with NaN
+    # and ints with their max value -- in Python and in C++ (at::empty) alike.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        det.fill_uninitialized_memory = old_fill
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (inf if actual has NaN)."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if torch.isnan(a).any() and not torch.isnan(e).any():
+        return float("inf")
+    den = e.norm().item()
+    num = (a - e).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    grad: bool = False,
+    name: str = "output",
+    scale: float = 1.0,
+) -> None:
+    """Compare `actual` with a (float64) reference using the tolerance of `dtype` (default actual's).
+
+    NaN in `actual` where `expected` is finite always fails (an unwritten, poisoned element).
+    `scale` multiplies both tolerances (e.g. for long reductions).
+    """
+    dtype = dtype or actual.dtype
+    atol, rtol = tolerance(dtype, grad)
+    atol, rtol = atol * scale, rtol * scale
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    if (nan_a & ~nan_e).any():
+        idx = tuple(int(i) for i in (nan_a & ~nan_e).nonzero()[0])
+        raise AssertionError(f"{name}: NaN at {idx} (unwritten or poisoned element) where the reference is finite")
+    # Tolerance relative to the tensor's own magnitude as well as elementwise: values near zero in a
+    # large-magnitude output are judged against the output's scale.
+    mag = e[~nan_e].abs().max().item() if (~nan_e).any() else 0.0
+    torch.testing.assert_close(a, e, atol=atol + rtol * 0.1 * mag, rtol=rtol, equal_nan=True, msg=lambda m: f"{name} ({dtype}): {m}")
+
+
+def seeded_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=torch.device(device).type)
+    g.manual_seed(seed)
+    return g
+
+
+def make_selective_scan_inputs(
+    batch: int,
+    dim: int,
+    N: int,
+    L: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    B_layout: str = "variable",  # "constant" (dim, N) | "variable" (batch, N, L) | "grouped" (batch, G, N, L)
+    groups: int = 2,
+    with_D: bool = True,
+    with_z: bool = True,
+    with_delta_bias: bool = True,
+    with_initial_state: bool = False,
+    seed: int = 0,
+    requires_grad: bool = False,
+) -> dict:
+    """Random (never zero) inputs for selective_scan in mamba's conventions.
+
+    A is real negative (the S4D-real init: A_n = -(n+1)) with a random perturbation; delta is
+    positive-ish so softplus(delta + bias) spans small and large steps. Weights (A, D, delta_bias)
+    are float32 unless dtype is float64, as mamba keeps them.
+    """
+    g = seeded_generator(seed)
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def rnd(*shape, dt=dtype, lo=None, hi=None):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        if lo is not None:
+            x = lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)
+        return x.to(device=device, dtype=dt)
+
+    u = rnd(batch, dim, L)
+    delta = 0.5 * rnd(batch, dim, L, lo=-1.0, hi=1.0)
+    A = (-(torch.arange(1, N + 1, dtype=torch.float64)).repeat(dim, 1) * (0.5 + torch.rand(dim, N, generator=g, dtype=torch.float64))).to(device=device, dtype=wdtype)
+    if B_layout == "constant":
+        B, C = rnd(dim, N, dt=wdtype), rnd(dim, N, dt=wdtype)
+    elif B_layout == "variable":
+        B, C = rnd(batch, N, L), rnd(batch, N, L)
+    elif B_layout == "grouped":
+        B, C = rnd(batch, groups, N, L), rnd(batch, groups, N, L)
+    else:
+        raise ValueError(f"B_layout must be constant, variable or grouped, got {B_layout!r}")
+    inputs = dict(u=u, delta=delta, A=A, B=B, C=C)
+    inputs["D"] = rnd(dim, dt=wdtype) if with_D else None
+    inputs["z"] = rnd(batch, dim, L) if with_z else None
+    inputs["delta_bias"] = (0.5 * rnd(dim, dt=wdtype, lo=-1.0, hi=1.0)) if with_delta_bias else None
+    inputs["initial_state"] = rnd(batch, dim, N, dt=wdtype) if with_initial_state else None
+    if requires_grad:
+        for v in inputs.values():
+            if v is not None:
+                v.requires_grad_(True)
+    return inputs
+
+
+def to_reference(inputs: dict, dtype: torch.dtype = torch.float64) -> dict:
+    """Detached float64 (or `dtype`) CPU copies that require grad where the originals did."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            c = v.detach().to("cpu", dtype)
+            c.requires_grad_(v.requires_grad)
+            out[k] = c
+        elif isinstance(v, torch.Tensor):
+            out[k] = v.detach().cpu()
+        else:
+            out[k] = v
+    return out

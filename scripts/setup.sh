@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up: a virtual environment in .venv with the CPU build of torch and this
+# package installed editable with its compiled extension and test dependencies.
+#   PYTHON=python3.11 VENV=.venv TORCH_SPEC=torch==2.13.0 bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+# A pinned torch: an unpinned `torch` would pull several GB of CUDA wheels on a CPU-only machine.
+# On a GPU machine, install the CUDA torch you want first and set TORCH_SPEC="" to keep it.
+TORCH_SPEC=${TORCH_SPEC-torch==2.13.0}
+EXTRAS=${EXTRAS:-test}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip setuptools wheel ninja
+if [ -n "$TORCH_SPEC" ]; then
+  "$PY" -m pip install -q "$TORCH_SPEC"
+fi
+# --no-build-isolation: the extension compiles against the torch installed above.
+"$PY" -m pip install -q --no-build-isolation -e ".[$EXTRAS]"
+"$PY" -c "import mvpp_kernels; print(mvpp_kernels.format_backend_info())"
