@@ -52,8 +52,31 @@ _define(
 )
 
 # ----------------------------------------------------------------------------------------------
-# Further ops (mhp_scan, frame_score, cluster_lookup/cluster_update) add their schemas below, one
-# section each, in the same style.
+# mhp_scan (issue: mhp_scan) -- the continuous-time selective scan fused with the exact integral of
+# its readout. Shapes as selective_scan, plus dt: (batch, L) gaps (dt[:, 0] = first event's time
+# from the window start), dt_end: (batch,) gap from the last valid event to the window end.
+# Returns y (batch, dim, L) in u's dtype; y_left (batch, dim, L), integral (batch, dim) and
+# last_state (batch, dim, N) in the state dtype (float32; float64 for float64 inputs); chunk_states
+# as selective_scan's.
+# ----------------------------------------------------------------------------------------------
+_define(
+    "mhp_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor dt, Tensor? D, Tensor? z, "
+    "Tensor? delta_bias, Tensor? dt_end, Tensor? lengths, Tensor? initial_state, bool delta_softplus, "
+    "int chunk_size) -> (Tensor y, Tensor y_left, Tensor integral, Tensor last_state, Tensor chunk_states)"
+)
+# Returns selective_scan_bwd's gradients plus ddt as (batch, dim, L) state-dtype partials (summed over
+# dim in Python: dt is shared by all channels) and ddt_end as (batch, dim) partials (zeros if absent).
+_define(
+    "mhp_scan_bwd(Tensor dy, Tensor? dy_left, Tensor? dintegral, Tensor? dlast_state, Tensor u, Tensor delta, "
+    "Tensor A, Tensor B, Tensor C, Tensor dt, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? dt_end, "
+    "Tensor? lengths, Tensor? initial_state, Tensor chunk_states, bool delta_softplus, int chunk_size, "
+    "bool deterministic) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
+    "Tensor ddelta_bias, Tensor ddt, Tensor ddt_end, Tensor dinitial_state)"
+)
+
+# ----------------------------------------------------------------------------------------------
+# Further ops (frame_score, cluster_lookup/cluster_update) add their schemas below, one section
+# each, in the same style.
 # ----------------------------------------------------------------------------------------------
 
 
