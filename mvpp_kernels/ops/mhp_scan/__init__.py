@@ -1,0 +1,342 @@
+"""mhp_scan: the continuous-time selective scan fused with the exact integral of its readout.
+
+Order, as in Liger: fakes and autograd glue for the compiled op pair (also used by the Triton op
+pair: `make_backward`, `_setup_context`, `_fwd_fake`, `_bwd_fake`), validation, backend dispatch,
+the public function. Kernels live in csrc/cpu/mhp_scan.cpp, csrc/cuda/mhp_scan*.cu and triton.py.
+
+Kernel contract (every backend's mhp_scan_fwd / mhp_scan_bwd, see `_library.py` for the schema):
+- u, delta, z: (batch, dim, L), any float dtype (float64 only on CPU); B, C: (dim, N) or
+  (batch, G, N, L) -- the public wrapper turns (batch, N, L) into G = 1; A: (dim, N) float32/64.
+- dt: (batch, L) and dt_end: (batch,) arrive already converted to the state dtype (float32, or
+  float64 for float64 u), validated finite and >= 0 on valid positions; lengths int64 in [0, L].
+- The wrapper handles L == 0 itself: kernels always see L >= 1 (a row may still have length 0).
+- Positions at or past lengths[b] must not be read (they may hold NaN); y / y_left / every
+  per-position gradient must be written as 0 there.
+- chunk_states: (batch, dim, ceil(L / chunk_size), N), the state h^+ after each chunk's last
+  valid event (each backend reads back only what it wrote).
+"""
+from __future__ import annotations
+
+import os
+from collections import namedtuple
+from typing import Optional
+
+import torch
+
+from ... import _library  # noqa: F401  (defines the mvpp::mhp_scan_* schemas)
+from ..._backend import register_op_info, resolve_backend
+from ..._checks import FLOAT_DTYPES, check_finite, check_lengths, check_same_device, check_tensor
+from ..selective_scan import MAX_DSTATE
+from .reference import mhp_scan_ref, phi
+
+__all__ = ["mhp_scan", "mhp_scan_ref", "MhpScanOutput", "CHUNK_SIZE", "phi"]
+
+MhpScanOutput = namedtuple("MhpScanOutput", ["y", "y_left", "integral", "last_state"])
+MhpScanOutput.__doc__ = """mhp_scan's result.
+
+y: (batch, dim, L) in u's dtype, the scan output at each event (with D and z);
+y_left: (batch, dim, L), the left-limit readout C_{i-1} · h_i^- at each event (no D, no z);
+integral: (batch, dim), the exact integral of the readout over the window [0, T];
+last_state: (batch, dim, N), h^+ after each sequence's last valid event, or None unless
+return_last_state. y_left, integral and last_state are float32 (float64 for float64 u).
+"""
+
+# Steps per saved chunk-boundary state, per backend (the backward recomputes each chunk from it).
+CHUNK_SIZE = {"cpu": 64, "cuda": 2048, "triton": 64}
+
+_KERNEL_NAME = "mhp_scan_fwd"
+register_op_info("mhp_scan", _KERNEL_NAME, ("cuda", "triton", "cpu", "reference"))
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def deterministic_requested() -> bool:
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("MVPP_DETERMINISTIC", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fakes (shapes only) shared by the compiled op pair and the Triton op pair.
+# ---------------------------------------------------------------------------------------------
+def _fwd_fake(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, delta_softplus, chunk_size):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    sd = state_dtype(u.dtype)
+    n_chunks = (L + chunk_size - 1) // chunk_size
+    y = u.new_empty((batch, dim, L))
+    y_left = u.new_empty((batch, dim, L), dtype=sd)
+    integral = u.new_empty((batch, dim), dtype=sd)
+    last_state = u.new_empty((batch, dim, N), dtype=sd)
+    chunk_states = u.new_empty((batch, dim, n_chunks, N), dtype=sd)
+    return y, y_left, integral, last_state, chunk_states
+
+
+def _bwd_fake(dy, dy_left, dintegral, dlast_state, u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths,
+              initial_state, chunk_states, delta_softplus, chunk_size, deterministic):
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    sd = state_dtype(u.dtype)
+
+    def dBC(X):
+        return u.new_empty(X.shape, dtype=sd) if X.dim() == 4 else u.new_empty((batch, dim, N), dtype=sd)
+
+    return (
+        torch.empty_like(u, memory_format=torch.contiguous_format),
+        torch.empty_like(delta, memory_format=torch.contiguous_format),
+        u.new_empty((batch, dim, N), dtype=sd),
+        dBC(B),
+        dBC(C),
+        u.new_empty((batch, dim), dtype=sd),
+        torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else u.new_empty((0,)),
+        u.new_empty((batch, dim), dtype=sd),
+        u.new_empty((batch, dim, L), dtype=sd),
+        u.new_empty((batch, dim), dtype=sd),
+        u.new_empty((batch, dim, N), dtype=sd),
+    )
+
+
+torch.library.register_fake("mvpp::mhp_scan_fwd")(_fwd_fake)
+torch.library.register_fake("mvpp::mhp_scan_bwd")(_bwd_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    (u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, delta_softplus, chunk_size) = inputs
+    ctx.save_for_backward(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, output[4])
+    ctx.delta_softplus = delta_softplus
+    ctx.chunk_size = chunk_size
+
+
+def make_backward(bwd_op):
+    """Autograd for a fwd op with mhp_scan_fwd's schema, given its bwd op (mhp_scan_bwd's schema)."""
+
+    def backward(ctx, dy, dy_left, dintegral, dlast_state, _dchunk_states):
+        (u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, chunk_states) = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dz, ddb, ddt, ddt_end, dinit = bwd_op(
+            dy.contiguous(),
+            dy_left.contiguous() if dy_left is not None else None,
+            dintegral.contiguous() if dintegral is not None else None,
+            dlast_state.contiguous() if dlast_state is not None else None,
+            u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state,
+            chunk_states, ctx.delta_softplus, ctx.chunk_size, deterministic_requested(),
+        )
+        # Partials -> totals in a fixed order (deterministic, no atomics): dA, dD, d(delta_bias)
+        # and constant dB/dC over the batch; ddt and ddt_end over the channels sharing the clock.
+        dA = dA.sum(0).to(A.dtype)
+        dB = (dB if B.dim() == 4 else dB.sum(0)).to(B.dtype)
+        dC = (dC if C.dim() == 4 else dC.sum(0)).to(C.dtype)
+        return (
+            du,
+            ddelta,
+            dA,
+            dB,
+            dC,
+            ddt.sum(1).to(dt.dtype),
+            dD.sum(0).to(D.dtype) if D is not None else None,
+            dz if z is not None else None,
+            ddb.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            ddt_end.sum(1).to(dt_end.dtype) if dt_end is not None else None,
+            None,
+            dinit.to(initial_state.dtype) if initial_state is not None else None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+torch.library.register_autograd(
+    "mvpp::mhp_scan_fwd", make_backward(torch.ops.mvpp.mhp_scan_bwd), setup_context=_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and dispatch
+# ---------------------------------------------------------------------------------------------
+def _check_gaps(name: str, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    """Gaps are durations: finite and >= 0 (0 = tied events). Padding (mask False) is not checked."""
+    vals = x if mask is None else x[mask]
+    if vals.numel() == 0:
+        return
+    bad = ~torch.isfinite(vals)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite (gaps between event times); it has {int(bad.sum())} "
+                         "NaN/inf value(s) on valid events")
+    neg = vals < 0
+    if bool(neg.any()):
+        raise ValueError(f"{name} must be >= 0 (event times must be non-decreasing and inside the window); "
+                         f"it has {int(neg.sum())} negative value(s), the smallest {float(vals.min())}")
+
+
+def _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, delta_softplus,
+              check_inputs, backend):
+    check_tensor("u", u, ndim=3, dims="(batch, dim, L)", dtypes=FLOAT_DTYPES)
+    batch, dim, L = u.shape
+    dev = u.device
+    check_tensor("delta", delta, shape=(batch, dim, L), dims="(batch, dim, L) like u", dtypes=FLOAT_DTYPES)
+    check_tensor("A", A, ndim=2, dims="(dim, N)", dtypes=(torch.float32, torch.float64))
+    if A.shape[0] != dim:
+        raise ValueError(f"A must have shape (dim={dim}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    if N < 1:
+        raise ValueError(f"A must have at least one state (N >= 1), got shape {tuple(A.shape)}")
+    for name, X in (("B", B), ("C", C)):
+        check_tensor(name, X, ndim=(2, 3, 4), dims="(dim, N), (batch, N, L) or (batch, G, N, L)", dtypes=FLOAT_DTYPES)
+        if X.dim() == 2 and tuple(X.shape) != (dim, N):
+            raise ValueError(f"{name} must have shape (dim={dim}, N={N}) when constant, got {tuple(X.shape)}")
+        if X.dim() == 3 and tuple(X.shape) != (batch, N, L):
+            raise ValueError(f"{name} must have shape (batch={batch}, N={N}, L={L}), got {tuple(X.shape)}")
+        if X.dim() == 4:
+            G = X.shape[1]
+            if tuple(X.shape) != (batch, G, N, L) or G < 1 or dim % G != 0:
+                raise ValueError(
+                    f"{name} must have shape (batch={batch}, G, N={N}, L={L}) with G dividing dim={dim}, "
+                    f"got {tuple(X.shape)}"
+                )
+    check_tensor("dt", dt, shape=(batch, L), dims="(batch, L): gaps between consecutive event times",
+                 dtypes=(torch.float32, torch.float64))
+    if dt_end is not None:
+        check_tensor("dt_end", dt_end, shape=(batch,), dims="(batch,): gap from the last event to the window end",
+                     dtypes=(torch.float32, torch.float64))
+    if D is not None:
+        check_tensor("D", D, shape=(dim,), dims="(dim,)", dtypes=FLOAT_DTYPES)
+    if delta_bias is not None:
+        check_tensor("delta_bias", delta_bias, shape=(dim,), dims="(dim,)", dtypes=FLOAT_DTYPES)
+    if z is not None:
+        check_tensor("z", z, shape=(batch, dim, L), dims="(batch, dim, L) like u", dtypes=FLOAT_DTYPES)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, shape=(batch, dim, N), dims="(batch, dim, N)", dtypes=FLOAT_DTYPES)
+    check_same_device("u", u, delta=delta, A=A, B=B, C=C, dt=dt, D=D, z=z, delta_bias=delta_bias, dt_end=dt_end,
+                      initial_state=initial_state)
+    if backend != "reference" and N > MAX_DSTATE:
+        raise ValueError(f"N (A.shape[1]) = {N} exceeds the kernels' maximum state size {MAX_DSTATE}; "
+                         "use backend='reference' for larger states")
+    if torch.compiler.is_compiling():
+        # Data-dependent checks would break the graph; shapes were checked above.
+        if lengths is not None:
+            check_tensor("lengths", lengths, shape=(batch,), dims="(batch,)")
+            lengths = lengths.to(device=dev, dtype=torch.int64)
+        return lengths
+    lengths = check_lengths("lengths", lengths, batch, L, dev)
+    valid = None if lengths is None else torch.arange(L, device=dev)[None, :] < lengths[:, None]
+    _check_gaps("dt", dt.detach(), valid)
+    if dt_end is not None:
+        _check_gaps("dt_end", dt_end.detach(), None)
+    # The state must decay, never grow: exp(A Δ dt) with A <= 0 (and Δ >= 0) is what keeps every
+    # exponent argument <= 0, so gaps of any length cannot overflow.
+    if bool((A.detach() > 0).any()):
+        raise ValueError("A must be <= 0 (a decaying state; parametrise it as -exp(A_log)); "
+                         f"it has {int((A.detach() > 0).sum())} positive value(s)")
+    if check_inputs:
+        for name, X in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                        ("delta_bias", delta_bias), ("initial_state", initial_state)):
+            check_finite(name, X)
+        if not delta_softplus:
+            step = delta.detach() if delta_bias is None else delta.detach() + delta_bias.detach()[:, None]
+            if valid is not None:
+                step = step[valid[:, None, :].expand_as(step)]
+            if bool((step < 0).any()):
+                raise ValueError("delta + delta_bias must be >= 0 when delta_softplus=False (a negative step "
+                                 "makes the state grow between events); pass delta_softplus=True")
+    return lengths
+
+
+def mhp_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    dt: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    dt_end: Optional[torch.Tensor] = None,
+    lengths: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    return_last_state: bool = False,
+    *,
+    backend: Optional[str] = None,
+    check_inputs: bool = False,
+) -> MhpScanOutput:
+    """Continuous-time selective scan over event sequences, fused with the exact integral of its readout.
+
+    Events i = 1..n of a sequence arrive at t_1 <= ... <= t_n inside a window [0, T]; dt_i = t_i − t_{i−1}
+    (t_0 = 0), dt_end = T − t_n. With Δ = softplus(delta + delta_bias) if `delta_softplus` else
+    delta + delta_bias, the state jumps at events and decays between them; the gap (t_{i−1}, t_i]
+    decays at rate A Δ_{i−1} and is read out with C_{i−1} (causal: event i does not reach its own
+    intensity)::
+
+        h_i^-    = exp(A Δ_{i-1} dt_i) ⊙ h_{i-1}^+                      (h_0^+ = initial_state or 0)
+        y_left_i = C_{i-1} · h_i^-                                       (left limit at t_i)
+        I_i      = Σ_n C_{i-1,n} h_{i-1,n}^+ (1 − exp(A_n Δ_{i-1} dt_i)) / (−A_n Δ_{i-1})
+        h_i^+    = h_i^- + Δ_i B_i u_i
+        y_i      = (C_i · h_i^+ + D u_i) ⊙ silu(z_i)
+        integral = Σ_i I_i + (the same closed form over the last gap (t_n, T] with Δ_n, C_n, h_n^+)
+
+    i.e. `integral` is exactly ∫_0^T C(t)·h(t) dt for the piecewise readout; (1 − e^x)/(−x) is
+    evaluated through expm1 with a series near x = 0 (A Δ → 0 gives dt), and every exponent is <= 0.
+
+    Conventions: the first gap (0, t_1] uses Δ_1 and C_1 (no earlier event exists); it only matters
+    with an `initial_state`, and then event 1's inputs shape the intensity before t_1 (see
+    docs/mhp_scan.md for an exact way to continue a split sequence). Events at or past
+    `lengths[b]` are ignored (y = y_left = 0 there, whatever the padding holds); the last gap
+    follows event lengths[b]. A sequence with no events has integral 0 and last state
+    initial_state (or 0). Tied events (dt = 0) are allowed.
+
+    Args:
+        u, delta: (batch, dim, L), float32/float16/bfloat16 (float64 on CPU backends).
+        A: (dim, N) real, <= 0, float32 (float64 on CPU); N <= MAX_DSTATE except on the reference.
+        B, C: (dim, N) constant, (batch, N, L), or grouped (batch, G, N, L) with G dividing dim.
+        dt: (batch, L) float32/float64 gaps, finite and >= 0 on valid events; dt[:, 0] is the time
+            of the first event from the window start.
+        D, delta_bias: optional (dim,). z: optional (batch, dim, L) gate.
+        delta_softplus: apply softplus to delta + delta_bias.
+        dt_end: optional (batch,) gap from each sequence's last valid event to the window end T
+            (None: the integral stops at the last event).
+        lengths: optional (batch,) ints in [0, L], valid events per sequence.
+        initial_state: optional (batch, dim, N) state h_0^+ at the window start (differentiable).
+        return_last_state: also return h_n^+ (batch, dim, N).
+        backend: "auto" (default: $MVPP_BACKEND or auto), "cuda", "triton", "cpu" or "reference".
+        check_inputs: also reject NaN/inf in the other inputs and a negative step (without softplus).
+            dt / dt_end / lengths / A are always checked outside torch.compile.
+
+    Returns:
+        MhpScanOutput(y, y_left, integral, last_state): y (batch, dim, L) in u's dtype; y_left
+        (batch, dim, L), integral (batch, dim), last_state (batch, dim, N) or None, in float32
+        (float64 for float64 u).
+
+    Gradients flow to u, delta, A, B, C, D, z, delta_bias, dt, dt_end and initial_state on every
+    backend. Inputs may be non-contiguous. With dt ≡ 1 and delta constant along L, y equals
+    `selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)`.
+    """
+    name = resolve_backend(_KERNEL_NAME, u.device, backend)
+    lengths = _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, delta_softplus,
+                        check_inputs, name)
+    if name == "reference":
+        return MhpScanOutput(*mhp_scan_ref(u, delta, A, B, C, dt, D, z, delta_bias, delta_softplus, dt_end, lengths,
+                                           initial_state, return_last_state))
+    batch, dim, L = u.shape
+    sd = state_dtype(u.dtype)
+    if L == 0:
+        # No events anywhere: nothing for a kernel to do, and no step to define a decay with.
+        N = A.shape[1]
+        last = (initial_state.to(sd) if initial_state is not None else u.new_zeros((batch, dim, N), dtype=sd))
+        return MhpScanOutput(u.new_zeros((batch, dim, 0)), u.new_zeros((batch, dim, 0), dtype=sd),
+                             u.new_zeros((batch, dim), dtype=sd), last if return_last_state else None)
+    # Kernels take B/C as (dim, N) or (batch, G, N, L); (batch, N, L) is the G = 1 case. Gaps travel
+    # in the state dtype (float32 time stamps resolve 1e6-long windows to ~0.06; float64 on request).
+    Bk = B.unsqueeze(1) if B.dim() == 3 else B
+    Ck = C.unsqueeze(1) if C.dim() == 3 else C
+    dtk = dt.to(sd)
+    dt_endk = dt_end.to(sd) if dt_end is not None else None
+    if name == "triton":
+        from . import triton as _triton
+
+        fwd = _triton.mhp_scan_fwd_triton
+    else:
+        fwd = torch.ops.mvpp.mhp_scan_fwd
+    y, y_left, integral, last_state, _ = fwd(u, delta, A, Bk, Ck, dtk, D, z, delta_bias, dt_endk, lengths,
+                                             initial_state, bool(delta_softplus), CHUNK_SIZE[name])
+    return MhpScanOutput(y, y_left, integral, last_state if return_last_state else None)
