@@ -71,9 +71,22 @@ def _arch_list(torch_mod) -> str:
     return "9.0+PTX"
 
 
+def _record(cpp: bool, cuda: bool, why: str) -> None:
+    """Leave the build decision where `mvpp_kernels.backend_info()` can show it: pip hides the build's
+    output unless -v, and "why is there no CUDA backend?" deserves an answer after the fact too."""
+    import json
+
+    path = os.path.join(ROOT, "mvpp_kernels", "_build_info.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"cpp": cpp, "cuda": cuda, "cuda_reason": why}, f)
+    os.replace(tmp, path)
+
+
 def _extensions():
     if _env_flag("MVPP_BUILD_CPP", "1") == "0":
         _say("MVPP_BUILD_CPP=0: no compiled extension; the reference and Triton backends remain.")
+        _record(False, False, "MVPP_BUILD_CPP=0")
         return [], {}
     try:
         import torch
@@ -97,6 +110,7 @@ def _extensions():
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "kernels", "*.cu")))
 
     build_cuda, why = _cuda_decision(torch)
+    _record(True, build_cuda, why)
     if build_cuda:
         arch = _arch_list(torch)
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch

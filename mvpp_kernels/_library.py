@@ -119,9 +119,23 @@ def compiled_loaded() -> bool:
     return bool(_COMPILED["loaded"])
 
 
+def build_info() -> dict:
+    """What setup.py decided at build time (written to _build_info.json), or {} if never built."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def compiled_status() -> str:
     if _COMPILED["loaded"]:
-        return f"loaded from {_COMPILED['path']}"
+        info = build_info()
+        cuda = "with CUDA kernels" if info.get("cuda") else f"CPU kernels only; CUDA not built: {info.get('cuda_reason', 'unknown')}"
+        return f"loaded from {_COMPILED['path']} ({cuda})"
     return str(_COMPILED["error"])
 
 

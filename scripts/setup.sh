@@ -16,7 +16,7 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip setuptools wheel ninja
 if [ -n "$TORCH_SPEC" ]; then
-  "$PY" -m pip install -q "$TORCH_SPEC"
+  "$PY" -m pip install -q "$TORCH_SPEC" numpy
 fi
 # --no-build-isolation: the extension compiles against the torch installed above.
 "$PY" -m pip install -q --no-build-isolation -e ".[$EXTRAS]"
