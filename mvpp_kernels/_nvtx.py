@@ -36,8 +36,11 @@ def _resolve():
 
 @contextlib.contextmanager
 def nvtx_range(name: str):
+    if torch.compiler.is_compiling():
+        yield
+        return
     push, pop = _resolve()
-    if push is None or torch.compiler.is_compiling():
+    if push is None:
         yield
         return
     push(name)
@@ -53,8 +56,11 @@ def annotate(name: str):
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            # Checked first: nothing below may be traced by dynamo (imports, module state).
+            if torch.compiler.is_compiling():
+                return fn(*args, **kwargs)
             push, pop = _resolve()
-            if push is None or torch.compiler.is_compiling():
+            if push is None:
                 return fn(*args, **kwargs)
             push(name)
             try:

@@ -12,8 +12,9 @@ from mvpp_kernels import _nvtx
 @pytest.fixture
 def fake_nvtx(monkeypatch):
     calls = []
-    mod = types.SimpleNamespace(push_range=lambda name, domain=None: calls.append(("push", name, domain)),
-                                pop_range=lambda domain=None: calls.append(("pop", domain)))
+    mod = types.ModuleType("nvtx")
+    mod.push_range = lambda name, domain=None: calls.append(("push", name, domain))
+    mod.pop_range = lambda domain=None: calls.append(("pop", domain))
     monkeypatch.setitem(sys.modules, "nvtx", mod)
     monkeypatch.setenv("MVPP_NVTX", "1")
     monkeypatch.setattr(_nvtx, "_PUSH_POP", None)
