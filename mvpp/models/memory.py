@@ -1,0 +1,120 @@
+"""TopologyMemoryBank (seeds 000 + 001): a hierarchical, updatable memory of past videos.
+
+Keys are the past (training) videos' unit retrieval vectors, indexed by
+`mvpp_kernels.HierarchicalIndex` (hierarchical k-means refined by the kNN-graph topology; searched by
+the fused `cluster_lookup`). A query retrieves candidates by content through the index, then ranks
+them by M3TR's temporal-aware similarity
+
+    s(q, b) = <r_q, r_b> + traj_weight * <P tau_q, P tau_b> / (|P tau_q| |P tau_b|)
+
+where tau is the MHP encoder's trajectory descriptor of the engagement stream (P learned), keeps
+the top k, and aggregates the retrieved values with MMRA's eq. 4 softmax weights (via
+`mvpp_kernels.retrieval_aggregate`, differentiable to the query). The values are each past video's
+label and text feature. New videos (e.g. the validation set once their labels are known) arrive
+through `update`, which calls the index's `cluster_update`: they are folded into their cluster's
+running statistics and exemplars are bounded, so memory does not grow without bound.
+
+With `hierarchical=False` the same module uses flat `exact_search` (the MMRA memory).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._ops import op
+
+__all__ = ["TopologyMemoryBank", "default_branching"]
+
+
+def default_branching(n: int) -> tuple[int, int]:
+    """Coarse x fine clusters for a bank of n items: ~sqrt(n) fine clusters in ~n^(1/4) groups."""
+    c1 = max(2, int(round(n ** 0.25)))
+    c2 = max(2, int(round(math.sqrt(n) / c1)))
+    return c1, c2
+
+
+class TopologyMemoryBank(nn.Module):
+    def __init__(self, content_dim: int, value_dim: int, d_out: int, traj_dim: int = 0, k: int = 8,
+                 traj_weight: float = 0.5, hierarchical: bool = True, branching: tuple = (), nprobe: tuple = (),
+                 backend: str | None = None):
+        super().__init__()
+        self.k, self.traj_weight, self.hierarchical = k, float(traj_weight), hierarchical
+        self.branching, self.nprobe, self.backend = tuple(branching), tuple(nprobe), backend
+        self.traj_proj = nn.Linear(traj_dim, 16) if traj_dim else None
+        self.log_inv_temp = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.value_proj = nn.Linear(value_dim, d_out)
+        self.index = None
+        self.register_buffer("bank_keys", torch.zeros(0, content_dim), persistent=False)
+        self.register_buffer("bank_values", torch.zeros(0, value_dim), persistent=False)
+        self.register_buffer("bank_traj", torch.zeros(0, max(traj_dim, 1)), persistent=False)
+
+    # -- the bank -------------------------------------------------------------------------------
+    def build(self, keys: torch.Tensor, values: torch.Tensor, seed: int = 0) -> None:
+        """Index past videos: keys (n, d) unit retrieval vectors, values (n, value_dim)."""
+        keys = F.normalize(keys.float(), dim=1)
+        self.bank_keys = keys
+        self.bank_values = values.float()
+        if self.hierarchical:
+            HierarchicalIndex = op("HierarchicalIndex", "TopologyMemoryBank")
+            branching = self.branching or default_branching(keys.shape[0])
+            self.index = HierarchicalIndex.build(keys, values=self.bank_values, branching=branching, metric="ip",
+                                                 seed=seed)
+        else:
+            op("exact_search", "the flat memory bank")
+            self.index = None
+
+    def set_trajectories(self, traj: torch.Tensor) -> None:
+        self.bank_traj = traj.detach().float()
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New past videos arrive: fold them into the hierarchical index (cluster_update)."""
+        keys = F.normalize(keys.float(), dim=1)
+        if self.index is None:
+            raise RuntimeError("update needs a hierarchical bank built with build() first")
+        self.index.update(keys, values.float())
+
+    @property
+    def size(self) -> int:
+        return int(self.bank_keys.shape[0])
+
+    def _search(self, q: torch.Tensor, k: int, exclude):
+        if self.index is not None:
+            nprobe = self.nprobe or None
+            kw = {"nprobe": nprobe} if nprobe else {}
+            return self.index.search(q, k, exclude=exclude, **kw)
+        exact_search = op("exact_search", "the flat memory bank")
+        return exact_search(self.bank_keys, q, k, metric="ip", exclude=exclude, backend=self.backend)
+
+    # -- a query --------------------------------------------------------------------------------
+    def forward(self, content: torch.Tensor, traj: torch.Tensor | None = None, exclude: torch.Tensor | None = None):
+        """content (batch, d) retrieval vectors, traj (batch, traj_dim) or None, exclude (batch,) bank
+        ids to skip (-1: none). Returns rep (batch, d_out), agg (batch, value_dim), ids (batch, k)."""
+        if self.size == 0:
+            raise RuntimeError("the memory bank is empty: call build() with past videos first")
+        retrieval_aggregate = op("retrieval_aggregate", "TopologyMemoryBank")
+        q = F.normalize(content.float(), dim=1)
+        use_traj = self.traj_proj is not None and traj is not None and self.bank_traj.shape[0] == self.size
+        k = min(self.k, self.size - 1)
+        n_cand = min(self.size - 1, 3 * k if use_traj else k)
+        with torch.no_grad():
+            _, cand = self._search(q.detach(), n_cand, exclude)
+        valid = cand >= 0
+        cand_c = cand.clamp(min=0)
+        # similarity recomputed with autograd so the query (and the trajectory projection) learn
+        s = (q.unsqueeze(1) * self.bank_keys[cand_c]).sum(-1)
+        if use_traj:
+            tq = F.normalize(self.traj_proj(traj.float()), dim=1)
+            tb = F.normalize(self.traj_proj(self.bank_traj[cand_c]), dim=-1)
+            s = s + self.traj_weight * (tq.unsqueeze(1) * tb).sum(-1)
+        s = s.masked_fill(~valid, float("-inf"))
+        if n_cand > k:
+            s, pos = s.topk(k, dim=1)
+            ids = cand.gather(1, pos)
+        else:
+            ids = cand
+        scores = s * self.log_inv_temp.exp()
+        agg = retrieval_aggregate(scores, ids, self.bank_values)
+        return {"rep": F.relu(self.value_proj(agg)), "agg": agg, "ids": ids}

@@ -1,0 +1,122 @@
+"""MVPPModel: temporal enlargement + MHP encoder + topology memory bank + cross-modal fusion + MLP head.
+
+Tokens (each (batch, d)): text, retrieval-vector content, frames (TemporalEnlargement, or uniform
+10-frame pooling without frame scoring), engagement (MHPEncoder), memory (TopologyMemoryBank, queried
+with the content plus the MHP trajectory). A one-layer multi-head self-attention over the tokens
+fuses the modalities (cross-modal fusion), attentive pooling summarises them, and an MLP reads the
+pooled vector, the tokens and the memory's aggregated label. Loss = MSE on the (standardised) label +
+nll_weight * the Hawkes negative log-likelihood per event of the engagement stream.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import MLP, AttentivePooling, ModelConfig, PopularityModel
+from .memory import TopologyMemoryBank
+from .mhp import MHPEncoder
+from .temporal import TemporalEnlargement, UniformFramePooling
+
+__all__ = ["MVPPModel", "bank_values"]
+
+
+def bank_values(data, idx) -> torch.Tensor:
+    """What the bank stores per past video: [label, text feature]."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    return torch.cat([data.label[idx, None], data.text[idx]], dim=1).float()
+
+
+class MVPPModel(PopularityModel):
+    def __init__(self, frame_dim: int, text_dim: int, retrieval_dim: int, n_marks: int = 3,
+                 config: ModelConfig | None = None):
+        super().__init__()
+        cfg = self.config = config or ModelConfig()
+        d = cfg.d
+        self.dims = dict(frame_dim=frame_dim, text_dim=text_dim, retrieval_dim=retrieval_dim, n_marks=n_marks)
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, d), nn.ReLU())
+        self.ret_proj = nn.Sequential(nn.Linear(retrieval_dim, d), nn.ReLU())
+        if cfg.use_frame_scoring:
+            self.frames = TemporalEnlargement(frame_dim, d, k=cfg.k_frames, hidden=cfg.scorer_hidden,
+                                              backend=cfg.backend)
+        else:
+            self.frames = UniformFramePooling(frame_dim, d, samples=cfg.uniform_frames)
+        self.mhp = (MHPEncoder(n_marks, d_model=d, d_state=cfg.d_state, d_out=d, time_scale=cfg.time_scale,
+                               backend=cfg.backend) if cfg.use_mhp else None)
+        traj_dim = 2 * d + 2 if cfg.use_mhp else 0
+        self.memory = (TopologyMemoryBank(retrieval_dim, 1 + text_dim, d, traj_dim=traj_dim, k=cfg.k_retrieval,
+                                          traj_weight=cfg.traj_weight, hierarchical=cfg.hierarchical_bank,
+                                          branching=cfg.bank_branching, nprobe=cfg.bank_nprobe, backend=cfg.backend)
+                       if cfg.use_memory else None)
+        n_tok = 3 + (self.mhp is not None) + (self.memory is not None)
+        self.type_emb = nn.Parameter(torch.randn(n_tok, d) * 0.02)
+        self.fusion = nn.MultiheadAttention(d, num_heads=4, dropout=cfg.dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.pool = AttentivePooling(d)
+        self.head = MLP(d * (n_tok + 1) + (1 if self.memory is not None else 0), 2 * d, 1, cfg.dropout)
+        self._bank_data = None
+        self._bank_idx = None
+        self._bank_pos = None
+
+    # -- memory bank ------------------------------------------------------------------------------
+    def attach_bank(self, data, train_idx) -> None:
+        if self.memory is None:
+            return
+        idx = torch.as_tensor(train_idx, dtype=torch.long)
+        self._bank_data, self._bank_idx = data, idx
+        pos = torch.full((len(data),), -1, dtype=torch.long)
+        pos[idx] = torch.arange(idx.numel())
+        self._bank_pos = pos
+        self.memory.build(data.retrieval[idx], bank_values(data, idx))
+
+    @torch.no_grad()
+    def refresh_bank(self, batch_size: int = 512) -> None:
+        """Recompute the bank's trajectory descriptors with the current MHP encoder."""
+        if self.memory is None or self.mhp is None or self._bank_data is None:
+            return
+        was = self.training
+        self.eval()
+        d, idx = self._bank_data, self._bank_idx
+        dev = next(self.parameters()).device
+        out = []
+        for s in range(0, idx.numel(), batch_size):
+            j = idx[s: s + batch_size]
+            L = max(1, int(d.event_lengths[j].max()))
+            r = self.mhp(d.event_dt[j, :L].to(dev), d.event_marks[j, :L].to(dev), d.event_lengths[j].to(dev),
+                         d.dt_end[j].to(dev))
+            out.append(r["traj"])
+        self.memory.set_trajectories(torch.cat(out))
+        self.train(was)
+
+    def update_bank(self, data, idx) -> None:
+        """Fold newly arrived videos (with known labels) into the hierarchical bank."""
+        if self.memory is None:
+            return
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        self.memory.update(data.retrieval[idx], bank_values(data, idx))
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        tokens = [self.text_proj(batch["text"]), self.ret_proj(batch["retrieval"]),
+                  self.frames(batch["frames"], batch["frame_lengths"])["rep"]]
+        out = {}
+        traj = None
+        if self.mhp is not None:
+            m = self.mhp(batch["event_dt"], batch["event_marks"], batch["event_lengths"], batch["dt_end"])
+            tokens.append(m["rep"])
+            traj = m["traj"]
+            out["nll"] = -m["loglik"] / batch["event_lengths"].clamp(min=1).float()
+        extra = []
+        if self.memory is not None:
+            exclude = None
+            if self._bank_pos is not None:
+                exclude = self._bank_pos.to(batch["index"].device)[batch["index"]]
+            r = self.memory(batch["retrieval"], traj, exclude)
+            tokens.append(r["rep"])
+            extra.append((r["agg"][:, :1] - self.label_mean) / self.label_std)
+        x = torch.stack(tokens, dim=1) + self.type_emb
+        h, _ = self.fusion(x, x, x, need_weights=False)
+        x = self.norm(x + h)
+        feats = torch.cat([self.pool(x), x.flatten(1)] + extra, dim=1)
+        out["pred"] = self.head(feats).squeeze(-1) * self.label_std + self.label_mean
+        return out

@@ -1,0 +1,235 @@
+"""Training: AdamW, early stopping on validation, seeded, safetensors checkpoints written atomically, resume.
+
+A checkpoint is one safetensors file holding the model's and the optimizer's tensors plus a JSON
+header (metadata) with the epoch, the best validation score, the RNG states' fingerprints and the
+model's config, so `resume=True` continues where a killed run stopped. Writes go to a temporary file
+in the same folder, are fsync'ed, then os.replace'd over the old file: a crash mid-write never
+leaves a torn checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .data.dataset import iterate_batches
+from .metrics import all_metrics
+
+__all__ = ["TrainConfig", "train_model", "predict", "evaluate", "seed_everything", "save_checkpoint",
+           "load_checkpoint", "atomic_write_bytes"]
+
+CHECKPOINT_FORMAT = "mvpp-checkpoint/1"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    patience: int = 5
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    deterministic: bool = True
+    progress: bool = True
+    eval_batch_size: int = 256
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if deterministic:
+        # warn_only: an op without a deterministic implementation warns instead of failing the run
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        meta["state"][str(pid)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+                meta["state"][str(pid)][k] = "tensor"
+            else:
+                meta["state"][str(pid)][k] = v
+    return tensors, meta
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for pid, st in meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"optim.{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    extra: Optional[dict] = None, best_state: Optional[dict] = None) -> None:
+    """Atomically write model (+ optimizer, + the best weights so far) tensors and a JSON header to a
+    safetensors file."""
+    from safetensors.torch import save
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+    meta = {"format": CHECKPOINT_FORMAT, "extra": extra or {}}
+    if optimizer is not None:
+        t, m = _flatten_optimizer(optimizer)
+        tensors.update(t)
+        meta["optimizer"] = m
+    atomic_write_bytes(path, save(tensors, metadata={"mvpp": json.dumps(meta)}))
+
+
+def load_checkpoint(path: str, model: Optional[torch.nn.Module] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, map_location="cpu", which: str = "model") -> dict:
+    """Load a checkpoint written by save_checkpoint into model/optimizer; returns its `extra` dict.
+
+    which="model": the weights at the end of the last epoch (to resume); "best": the best weights
+    (to evaluate; falls back to "model" when the file has none)."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    try:
+        with safe_open(path, framework="pt", device=str(map_location)) as f:
+            meta = json.loads((f.metadata() or {}).get("mvpp", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise ValueError(f"{path!r} is not a readable safetensors checkpoint ({e})") from e
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path!r} is not an mvpp checkpoint (format {meta.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    if model is not None:
+        pre = "best." if which == "best" and any(k.startswith("best.") for k in tensors) else "model."
+        sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path!r} does not fit this model: missing {missing}, unexpected "
+                             f"{unexpected} (was it written by another model or config?)")
+    if optimizer is not None and "optimizer" in meta:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    return meta.get("extra", {})
+
+
+@torch.no_grad()
+def predict(model, data, idx, batch_size: int = 256, device="cpu") -> torch.Tensor:
+    model.eval()
+    model.refresh_bank()
+    out = [model(b)["pred"].float().cpu() for b in iterate_batches(data, idx, batch_size, device=device)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def evaluate(model, data, idx, batch_size: int = 256, device="cpu") -> dict:
+    pred = predict(model, data, idx, batch_size, device)
+    return all_metrics(pred, data.label[torch.as_tensor(idx)])
+
+
+def train_model(model, data, splits: dict, config: TrainConfig | None = None, checkpoint: Optional[str] = None,
+                resume: bool = False, log=print) -> dict:
+    """Train `model` on splits["train"], early-stop on splits["val"] nMSE; the best weights are kept
+    (and in `checkpoint` if given). Returns a history dict (per-epoch train loss and val metrics)."""
+    cfg = config or TrainConfig()
+    seed_everything(cfg.seed, cfg.deterministic)
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU; use --device cpu")
+    train_idx, val_idx = splits["train"], splits["val"]
+    y = data.label[train_idx]
+    model.set_label_stats(float(y.mean()), float(y.std()))
+    model.to(dev)
+    model.attach_bank(data, train_idx)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, best, best_state, bad = 0, math.inf, None, 0
+    history = {"train_loss": [], "val": [], "epochs_run": 0}
+    if resume and checkpoint and os.path.exists(checkpoint):
+        extra = load_checkpoint(checkpoint, model, opt)
+        start, best, bad = extra["epoch"] + 1, extra["best"], extra["bad"]
+        history = extra.get("history", history)
+        cur = {k: v.clone() for k, v in model.state_dict().items()}
+        load_checkpoint(checkpoint, model, which="best")
+        best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(cur)
+        log(f"resumed from {checkpoint} at epoch {start} (best val nMSE {best:.4f})")
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    for epoch in range(start, cfg.epochs):
+        gen.manual_seed(cfg.seed + 1000003 * epoch)  # the epoch's shuffle does not depend on resume
+        model.train()
+        model.refresh_bank()
+        n_batches = math.ceil(len(train_idx) / cfg.batch_size)
+        it = iterate_batches(data, train_idx, cfg.batch_size, shuffle=True, generator=gen, device=dev)
+        bar = tqdm(it, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not cfg.progress) if tqdm else it
+        total, count = 0.0, 0
+        t0 = time.perf_counter()
+        for batch in bar:
+            out = model(batch)
+            loss = model.loss(batch, out)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}; lower --lr or check inputs")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            total += float(loss.detach()) * batch["label"].shape[0]
+            count += batch["label"].shape[0]
+            if tqdm:
+                bar.set_postfix(loss=f"{total / count:.4f}")
+        val = evaluate(model, data, val_idx, cfg.eval_batch_size, dev)
+        history["train_loss"].append(total / max(count, 1))
+        history["val"].append(val)
+        history["epochs_run"] = epoch + 1
+        improved = val["nmse"] < best - 1e-4
+        if improved:
+            best, bad = val["nmse"], 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+        if cfg.progress:
+            log(f"epoch {epoch + 1}: train loss {total / max(count, 1):.4f}  val nMSE {val['nmse']:.4f}  "
+                f"SRC {val['src']:.4f}  ({time.perf_counter() - t0:.1f}s){'  *' if improved else ''}")
+        if checkpoint:
+            save_checkpoint(checkpoint, model, opt, {"epoch": epoch, "best": best, "bad": bad, "history": history,
+                                                     "train_config": asdict(cfg),
+                                                     "model_config": model.config.to_dict(),
+                                                     "model_class": type(model).__name__,
+                                                     "model_dims": getattr(model, "dims", {}),
+                                                     "label_stats": [model.label_mean, model.label_std]},
+                            best_state=best_state)
+        if bad >= cfg.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    history["best_val_nmse"] = best
+    return history
