@@ -10,6 +10,7 @@ falls back.
 from . import _library  # noqa: F401  (op schemas, then the compiled extension)
 from ._backend import BACKENDS, BackendUnavailableError, backend_info, format_backend_info
 from .ops.selective_scan import selective_scan, selective_scan_ref
+from .ops.frame_score import frame_score, frame_score_ref
 from .ops.mhp_scan import MhpScanOutput, mhp_scan, mhp_scan_ref
 
 __version__ = "0.1.0"
@@ -21,6 +22,8 @@ __all__ = [
     "format_backend_info",
     "selective_scan",
     "selective_scan_ref",
+    "frame_score",
+    "frame_score_ref",
     "mhp_scan",
     "mhp_scan_ref",
     "MhpScanOutput",

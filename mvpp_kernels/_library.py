@@ -78,6 +78,26 @@ _define(
 # Further ops (frame_score, cluster_lookup/cluster_update) add their schemas below, one section
 # each, in the same style.
 # ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# frame_score (issue: frame_score) -- frames (batch, T, F); weight (F,) for the linear scorer or (H,)
+# for the MLP scorer with W1 (F, H), b1 (H,); bias () ; lengths (batch,) int64. The parameters come
+# in the compute dtype (float32; float64 for float64 frames): the Python wrapper casts them.
+# Returns scores (batch, T) and lse (batch,) in the compute dtype (scores -inf past each length; lse =
+# logsumexp of scores / temperature over the valid frames, -inf for a length-0 video, saved for the
+# backward); dense (batch, F) and topk_frames (batch, k, F) in frames' dtype; topk_idx (batch, k) int64.
+# ----------------------------------------------------------------------------------------------
+_define(
+    "frame_score_fwd(Tensor frames, Tensor weight, Tensor? bias, Tensor? lengths, Tensor? W1, Tensor? b1, "
+    "int k, float temperature) -> (Tensor scores, Tensor dense, Tensor topk_idx, Tensor topk_frames, Tensor lse)"
+)
+# Returns dframes (frames' shape and dtype); dweight (batch, F or H), dbias (batch,) per-batch partials in
+# the compute dtype; dW1 (batch, F, H) and db1 (batch, H) partials, or (0,) for the linear scorer.
+_define(
+    "frame_score_bwd(Tensor dscores, Tensor ddense, Tensor dtopk_frames, Tensor frames, Tensor weight, "
+    "Tensor? W1, Tensor? b1, Tensor? lengths, Tensor scores, Tensor lse, Tensor topk_idx, float temperature) "
+    "-> (Tensor dframes, Tensor dweight, Tensor dbias, Tensor dW1, Tensor db1)"
+)
+# ---------------------------------------------------------------------------------------------- end frame_score
 
 
 # ----------------------------------------------------------------------------------------------

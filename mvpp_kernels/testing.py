@@ -184,3 +184,64 @@ def to_reference(inputs: dict, dtype: torch.dtype = torch.float64) -> dict:
         else:
             out[k] = v
     return out
+# ----------------------------------------------------------------------------------------------
+# frame_score (issue: frame_score)
+# ----------------------------------------------------------------------------------------------
+def make_frame_score_inputs(
+    batch: int,
+    T: int,
+    F: int,
+    *,
+    H: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    padded: bool = True,
+    ties: bool = False,
+    with_bias: bool = True,
+    seed: int = 0,
+    requires_grad: bool = False,
+) -> dict:
+    """Random (never zero) inputs for frame_score: frames (batch, T, F), weight, bias, lengths, hidden.
+
+    Scores come out O(1) (weight ~ N(0, 1/F)). `padded` gives varied lengths including T, a short
+    one and, for batch >= 3, an empty video; `ties` copies some frames onto later positions so equal
+    scores occur (the top-k must then prefer the lower index). Parameters are float32 unless
+    dtype is float64.
+    """
+    g = seeded_generator(seed)
+    wdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    frames = torch.randn(batch, T, F, generator=g, dtype=torch.float64)
+    if ties and T >= 2:
+        n_dup = max(1, T // 4)
+        src = torch.randint(0, T, (n_dup,), generator=g)
+        dst = torch.randint(0, T, (n_dup,), generator=g)
+        frames[:, dst] = frames[:, src]
+    weight_dim = H if H is not None else F
+    weight = torch.randn(weight_dim, generator=g, dtype=torch.float64) / weight_dim**0.5
+    out = dict(frames=frames.to(device=device, dtype=dtype), weight=weight.to(device=device, dtype=wdtype))
+    out["bias"] = (0.5 + torch.rand((), generator=g, dtype=torch.float64)).to(device=device, dtype=wdtype) if with_bias else None
+    if padded:
+        lengths = torch.randint(1, T + 1, (batch,), generator=g)
+        lengths[0] = T
+        if batch >= 2:
+            lengths[1] = min(T, 1 + int(torch.randint(0, 8, (1,), generator=g)))
+        if batch >= 3:
+            lengths[2] = 0
+        out["lengths"] = lengths.to(device)
+    else:
+        out["lengths"] = None
+    if H is not None:
+        W1 = torch.randn(F, H, generator=g, dtype=torch.float64) / F**0.5
+        b1 = 0.1 * torch.randn(H, generator=g, dtype=torch.float64)
+        out["hidden"] = (W1.to(device=device, dtype=wdtype), b1.to(device=device, dtype=wdtype))
+    else:
+        out["hidden"] = None
+    if requires_grad:
+        for key in ("frames", "weight", "bias"):
+            if out[key] is not None:
+                out[key].requires_grad_(True)
+        if out["hidden"] is not None:
+            for t in out["hidden"]:
+                t.requires_grad_(True)
+    return out
+# ---------------------------------------------------------------------------------------------- end frame_score
