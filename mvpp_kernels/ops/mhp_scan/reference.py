@@ -43,13 +43,16 @@ def phi(x: torch.Tensor) -> torch.Tensor:
     dt * phi(a * dt) = integral_0^dt e^{a s} ds, the exact integral of a decaying state over a gap.
     """
     small = x.abs() < PHI_SERIES_THRESHOLD
-    # The unused branch must stay finite at x = 0 or its NaN gradient leaks through torch.where.
-    x_safe = torch.where(small, torch.full_like(x, -1.0), x)
-    big = torch.expm1(x_safe) / x_safe
+    # Each branch gets inputs only from its own domain: an unused branch that is non-finite (0/0 at
+    # x = 0, or the series overflowing at x = -1e4 in float32) would leak NaN through torch.where's
+    # gradient.
+    x_big = torch.where(small, torch.full_like(x, -1.0), x)
+    x_ser = torch.where(small, x, torch.zeros_like(x))
+    big = torch.expm1(x_big) / x_big
     # sum_{k>=0} x^k / (k+1)!  in Horner form: 1 + x/2 (1 + x/3 (1 + x/4 (...)))
     ser = torch.ones_like(x)
     for k in range(_PHI_TERMS, 0, -1):
-        ser = 1 + x / (k + 1) * ser
+        ser = 1 + x_ser / (k + 1) * ser
     return torch.where(small, ser, big)
 
 
