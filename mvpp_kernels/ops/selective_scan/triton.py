@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CHUNK_SIZE, _setup_context, make_backward, state_dtype  # noqa: F401  (CHUNK_SIZE: the default)
+from . import CHUNK_SIZE, _bwd_fake, _fwd_fake, _setup_context, make_backward, state_dtype  # noqa: F401
 
 __all__ = ["selective_scan_fwd_triton", "selective_scan_bwd_triton"]
 
@@ -518,6 +518,13 @@ def selective_scan_bwd_triton(
     dC = finish(dCp, C, var_C, dpg_C)
     return du, ddelta, dA, dB, dC, dD, dz, ddb, g
 
+
+# triton_op would use the Python body as the fake, but under TRITON_INTERPRET=1 `wrap_triton` hands
+# back the plain interpreted kernel, which then runs on fake tensors and fails. The shape-only fakes
+# shared with the compiled op pair work everywhere; on a GPU, torch.compile still decomposes the op
+# into its kernels (triton_op's functional decomposition), so Inductor sees them.
+selective_scan_fwd_triton.register_fake(_fwd_fake)
+selective_scan_bwd_triton.register_fake(_bwd_fake)
 
 torch.library.register_autograd(
     "mvpp::selective_scan_fwd_triton",
