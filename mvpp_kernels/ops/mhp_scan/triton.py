@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import _setup_context, make_backward, state_dtype
+from ..._backend import triton_interpret
+from . import _bwd_fake, _fwd_fake, _setup_context, make_backward, state_dtype
 
 __all__ = ["mhp_scan_fwd_triton", "mhp_scan_bwd_triton"]
 
@@ -53,10 +54,11 @@ def _phi(x, TERMS: tl.constexpr):
     # otherwise (e^x - 1)/x loses at most a few ulps. x_safe keeps the unused branch finite at 0.
     small = tl.abs(x) < 0.5
     xs = tl.where(small, -1.0, x)
+    xt = tl.where(small, x, 0.0)  # the series only sees |x| < 0.5, so it cannot overflow unused
     big = (tl.exp(xs) - 1.0) / xs
     ser = tl.zeros_like(x) + 1.0
     for k in tl.static_range(TERMS, 0, -1):
-        ser = 1.0 + x * (1.0 / (k + 1)) * ser
+        ser = 1.0 + xt * (1.0 / (k + 1)) * ser
     return tl.where(small, ser, big)
 
 
@@ -66,10 +68,11 @@ def _dphi(x, ph, TERMS: tl.constexpr):
     # 1/2 (1 + x r_1 (1 + x r_2 (...))) with r_m = (m+1) / (m (m+2)).
     small = tl.abs(x) < 0.5
     xs = tl.where(small, -1.0, x)
+    xt = tl.where(small, x, 0.0)
     big = (tl.exp(xs) - ph) / xs
     ser = tl.zeros_like(x) + 1.0
     for m in tl.static_range(TERMS, 0, -1):
-        ser = 1.0 + x * ((m + 1) / (m * (m + 2))) * ser
+        ser = 1.0 + xt * ((m + 1) / (m * (m + 2))) * ser
     return tl.where(small, 0.5 * ser, big)
 
 
@@ -633,3 +636,10 @@ def mhp_scan_bwd_triton(
 
 
 mhp_scan_fwd_triton.register_autograd(make_backward(mhp_scan_bwd_triton), setup_context=_setup_context)
+
+if triton_interpret():
+    # Under the interpreter a launch reads its arguments' data pointers, so the triton_op's default
+    # fake (running the body on FakeTensors) fails; shape-only fakes keep fake tracing working there.
+    # On a GPU the default is kept, so torch.compile can see into the kernels.
+    mhp_scan_fwd_triton.register_fake(_fwd_fake)
+    mhp_scan_bwd_triton.register_fake(_bwd_fake)
