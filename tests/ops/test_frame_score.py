@@ -17,7 +17,7 @@ import torch
 import mvpp_kernels
 from mvpp_kernels import BackendUnavailableError, frame_score, frame_score_ref
 from mvpp_kernels._backend import has_compiled_kernel
-from mvpp_kernels.testing import assert_close, make_frame_score_inputs, poisoned_allocations
+from mvpp_kernels.testing import assert_close, make_frame_score_inputs, poisoned_allocations, tolerance
 
 HAS_CPP = has_compiled_kernel("frame_score_fwd", "CPU")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the C++ extension (frame_score) is not built")
@@ -56,7 +56,7 @@ def call(inp: dict, k: int, temperature: float = 0.8, backend=None):
                        backend=backend)
 
 
-def check_topk(idx, topk_frames, frames, ref_scores, ref_idx, lengths):
+def check_topk(idx, topk_frames, frames, ref_scores, ref_idx, lengths, rel_tol=1e-5):
     """Top-k equal to the reference's up to float32 rounding of near-equal scores.
 
     Exact float64 ties (duplicated frames) must resolve to the lower index, so where the reference's
@@ -69,7 +69,7 @@ def check_topk(idx, topk_frames, frames, ref_scores, ref_idx, lengths):
     T = frames.shape[1]
     lens = lengths.cpu() if lengths is not None else torch.full((batch,), T)
     scale = ref_scores[torch.isfinite(ref_scores)].abs().max().item() if torch.isfinite(ref_scores).any() else 1.0
-    tol = 1e-5 * max(scale, 1.0)
+    tol = rel_tol * max(scale, 1.0)
     for b in range(batch):
         sel = idx[b][idx[b] >= 0]
         assert len(set(sel.tolist())) == len(sel), f"video {b}: repeated indices {sel.tolist()}"
@@ -88,7 +88,7 @@ def check_topk(idx, topk_frames, frames, ref_scores, ref_idx, lengths):
     assert torch.equal(topk_frames, expect), "topk_frames are not the frames at topk_idx (zeros where padded)"
 
 
-def check_forward(out, inp, k, temperature=0.8, dtype=None, scale=1.0):
+def check_forward(out, inp, k, temperature=0.8, dtype=None, scale=1.0, score_dtype=None):
     ref = frame_score_ref(**{**to_f64(inp), "k": k, "temperature": temperature})
     scores, dense, idx, topk_frames = out
     ct = torch.float64 if inp["frames"].dtype == torch.float64 else torch.float32
@@ -97,10 +97,12 @@ def check_forward(out, inp, k, temperature=0.8, dtype=None, scale=1.0):
     assert torch.equal(torch.isfinite(scores).cpu(), finite), "-inf pattern of scores differs from the lengths"
     assert bool((scores.cpu()[~finite] == float("-inf")).all())
     # Scores are computed in float32 from (possibly low-precision) frames: judge them by float32's table.
+    sd = score_dtype or (torch.float32 if ct == torch.float32 else torch.float64)
     assert_close(torch.where(finite, scores.cpu().double(), 0.0), torch.where(finite, ref[0], 0.0),
-                 dtype=torch.float32 if ct == torch.float32 else torch.float64, name="scores", scale=scale * 4)
+                 dtype=sd, name="scores", scale=scale * 4)
     assert_close(dense, ref[1], dtype=dtype, name="dense", scale=scale)
-    check_topk(idx, topk_frames, inp["frames"], ref[0], ref[2], inp["lengths"])
+    check_topk(idx, topk_frames, inp["frames"], ref[0], ref[2], inp["lengths"],
+               rel_tol=1e-5 if score_dtype is None else 8 * sum(tolerance(score_dtype)))
 
 
 # ---------------------------------------------------------------------------------------------
