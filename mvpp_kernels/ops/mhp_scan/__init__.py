@@ -24,12 +24,14 @@ from typing import Optional
 import torch
 
 from ... import _library  # noqa: F401  (defines the mvpp::mhp_scan_* schemas)
-from ..._backend import register_op_info, resolve_backend
+from ..._backend import register_op_info, requested_backend, resolve_backend
 from ..._checks import FLOAT_DTYPES, check_finite, check_lengths, check_same_device, check_tensor
 from ..selective_scan import MAX_DSTATE
 from .reference import mhp_scan_ref, phi
+from .hawkes import HawkesHead, hawkes_intensity, hawkes_loglik
 
-__all__ = ["mhp_scan", "mhp_scan_ref", "MhpScanOutput", "CHUNK_SIZE", "phi"]
+__all__ = ["mhp_scan", "mhp_scan_ref", "MhpScanOutput", "CHUNK_SIZE", "phi", "hawkes_loglik", "hawkes_intensity",
+           "HawkesHead"]
 
 MhpScanOutput = namedtuple("MhpScanOutput", ["y", "y_left", "integral", "last_state"])
 MhpScanOutput.__doc__ = """mhp_scan's result.
@@ -42,7 +44,9 @@ return_last_state. y_left, integral and last_state are float32 (float64 for floa
 """
 
 # Steps per saved chunk-boundary state, per backend (the backward recomputes each chunk from it).
-CHUNK_SIZE = {"cpu": 64, "cuda": 2048, "triton": 64}
+# cuda: 64 = the CUDA backward's per-thread history (kHist in mhp_scan.cuh), so each chunk is
+# recomputed once; triton: the event tile of one scan (a power of two).
+CHUNK_SIZE = {"cpu": 64, "cuda": 64, "triton": 64}
 
 _KERNEL_NAME = "mhp_scan_fwd"
 register_op_info("mhp_scan", _KERNEL_NAME, ("cuda", "triton", "cpu", "reference"))
@@ -228,9 +232,17 @@ def _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_
         raise ValueError("A must be <= 0 (a decaying state; parametrise it as -exp(A_log)); "
                          f"it has {int((A.detach() > 0).sum())} positive value(s)")
     if check_inputs:
+        def events_only(X):
+            # Per-event inputs are checked on valid events only: padding is never read.
+            if X is None or valid is None or X.dim() < 3:
+                return X
+            mask = valid.view(batch, *([1] * (X.dim() - 2)), L).expand_as(X)
+            return X.detach()[mask]
+
         for name, X in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                        ("delta_bias", delta_bias), ("initial_state", initial_state)):
-            check_finite(name, X)
+                        ("delta_bias", delta_bias), ("initial_state", None)):
+            check_finite(name, events_only(X))
+        check_finite("initial_state", initial_state)
         if not delta_softplus:
             step = delta.detach() if delta_bias is None else delta.detach() + delta_bias.detach()[:, None]
             if valid is not None:
@@ -239,6 +251,16 @@ def _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_
                 raise ValueError("delta + delta_bias must be >= 0 when delta_softplus=False (a negative step "
                                  "makes the state grow between events); pass delta_softplus=True")
     return lengths
+
+
+@torch._dynamo.assume_constant_result
+def _choose_backend(device: str, backend: Optional[str], float64: bool) -> str:
+    # Depends only on the device, the request and what is built, none of which changes inside a
+    # compiled region: dynamo runs this once at trace time (registry queries are not traceable).
+    name = resolve_backend(_KERNEL_NAME, torch.device(device), backend)
+    if float64 and torch.device(device).type == "cuda" and requested_backend(backend) == "auto":
+        name = "reference"  # float64 on a GPU: only the reference computes it
+    return name
 
 
 def mhp_scan(
@@ -311,7 +333,7 @@ def mhp_scan(
     backend. Inputs may be non-contiguous. With dt ≡ 1 and delta constant along L, y equals
     `selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)`.
     """
-    name = resolve_backend(_KERNEL_NAME, u.device, backend)
+    name = _choose_backend(str(u.device), backend, u.dtype == torch.float64)
     lengths = _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, delta_softplus,
                         check_inputs, name)
     if name == "reference":

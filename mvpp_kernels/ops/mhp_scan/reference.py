@@ -30,11 +30,12 @@ import torch.nn.functional as F
 
 from ..selective_scan.reference import compute_dtype, expand_groups
 
-# |x| below this uses the Taylor series of (1 - e^x)/(-x); above it expm1(x)/x. 0.5 keeps the
-# autograd derivative of expm1(x)/x free of cancellation in float32 too; 17 terms make the series
-# exact to float64 rounding at |x| = 0.5 (0.5^17 / 18! ~ 1e-21).
-PHI_SERIES_THRESHOLD = 0.5
-_PHI_TERMS = 17
+# |x| below the threshold uses the Taylor series of (1 - e^x)/(-x), above it expm1(x)/x. float32:
+# 0.5 keeps autograd's derivative of expm1(x)/x (a difference of two ~1/x^2 terms) free of
+# cancellation, and 9 terms are exact to float32 rounding there (0.5^9/10! ~ 5e-10); float64: 0.1
+# and 10 terms (0.1^10/11! ~ 3e-18).
+_PHI_SERIES = {torch.float64: (0.1, 10)}
+_PHI_SERIES_DEFAULT = (0.5, 9)
 
 
 def phi(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,8 @@ def phi(x: torch.Tensor) -> torch.Tensor:
 
     dt * phi(a * dt) = integral_0^dt e^{a s} ds, the exact integral of a decaying state over a gap.
     """
-    small = x.abs() < PHI_SERIES_THRESHOLD
+    thr, terms = _PHI_SERIES.get(x.dtype, _PHI_SERIES_DEFAULT)
+    small = x.abs() < thr
     # Each branch gets inputs only from its own domain: an unused branch that is non-finite (0/0 at
     # x = 0, or the series overflowing at x = -1e4 in float32) would leak NaN through torch.where's
     # gradient.
@@ -51,8 +53,8 @@ def phi(x: torch.Tensor) -> torch.Tensor:
     big = torch.expm1(x_big) / x_big
     # sum_{k>=0} x^k / (k+1)!  in Horner form: 1 + x/2 (1 + x/3 (1 + x/4 (...)))
     ser = torch.ones_like(x)
-    for k in range(_PHI_TERMS, 0, -1):
-        ser = 1 + x_ser / (k + 1) * ser
+    for k in range(terms, 0, -1):
+        ser = torch.addcmul(torch.ones_like(x), x_ser, ser, value=1.0 / (k + 1))
     return torch.where(small, ser, big)
 
 
@@ -110,7 +112,8 @@ def mhp_scan_ref(
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
     u_ = masked(u.to(ct), v3)
-    d_ = delta.to(ct)
+    # Masked before softplus too: its derivative at a NaN pad times where()'s zero is still NaN.
+    d_ = masked(delta.to(ct), v3)
     if delta_bias is not None:
         d_ = d_ + delta_bias.to(ct)[:, None]
     if delta_softplus:
