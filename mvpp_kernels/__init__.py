@@ -12,6 +12,10 @@ from ._backend import BACKENDS, BackendUnavailableError, backend_info, format_ba
 from .ops.selective_scan import selective_scan, selective_scan_ref
 from .ops.frame_score import frame_score, frame_score_ref
 from .ops.mhp_scan import HawkesHead, MhpScanOutput, hawkes_intensity, hawkes_loglik, mhp_scan, mhp_scan_ref
+from .ops.exact_search import exact_search, exact_search_ref  # memory bank (issue 5)
+from .ops.cluster_lookup import cluster_lookup, cluster_lookup_ref  # memory bank
+from .ops.cluster_update import cluster_update, cluster_update_ref  # memory bank
+from .memory_bank import HierarchicalIndex, kmeans, retrieval_aggregate  # memory bank
 
 __version__ = "0.1.0"
 
@@ -30,4 +34,14 @@ __all__ = [
     "hawkes_loglik",
     "hawkes_intensity",
     "HawkesHead",
+    # memory bank (issue 5)
+    "exact_search",
+    "exact_search_ref",
+    "cluster_lookup",
+    "cluster_lookup_ref",
+    "cluster_update",
+    "cluster_update_ref",
+    "HierarchicalIndex",
+    "kmeans",
+    "retrieval_aggregate",
 ]

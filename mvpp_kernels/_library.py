@@ -78,6 +78,37 @@ _define(
 # Further ops (frame_score, cluster_lookup/cluster_update) add their schemas below, one section
 # each, in the same style.
 # ----------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------
+# memory bank (issue 5): exact_search, cluster_lookup, cluster_update. Inner product only: cosine
+# is inner product on normalised keys/queries (the Python wrappers normalise). Results are ordered
+# by (score desc, id asc) -- lower id wins a tie -- on every backend; empty slots are (-inf, -1).
+# Scores are float32 (float64 for float64 keys). Ids must be < 2**32 - 1 (packed top-k keys).
+#   exact_search: keys (n, d), queries (q, d) in keys' dtype, exclude (q,) int64 (< 0: none).
+# ----------------------------------------------------------------------------------------------
+_define("exact_search(Tensor keys, Tensor queries, int k, Tensor? exclude) -> (Tensor scores, Tensor ids)")
+# cluster_lookup: a two-level CSR tree. coarse_centroids (c1, d); coarse_offsets (c1 + 1,) int64 into
+# the fine clusters (children of coarse c are fine clusters coarse_offsets[c]..coarse_offsets[c+1]);
+# fine_centroids (cf, d); fine_offsets (cf + 1,) int64 into the members; member_keys (m, d) contiguous
+# per fine cluster; member_ids (m,) int64. Routing: top nprobe_coarse coarse clusters, then top
+# nprobe_fine fine clusters among their children, then exact top-k over those members.
+_define(
+    "cluster_lookup(Tensor queries, Tensor coarse_centroids, Tensor coarse_offsets, Tensor fine_centroids, "
+    "Tensor fine_offsets, Tensor member_keys, Tensor member_ids, int k, int nprobe_coarse, int nprobe_fine, "
+    "Tensor? exclude) -> (Tensor scores, Tensor ids)"
+)
+# cluster_update: route new_keys (m, d) greedily (top-1 coarse, top-1 child, float64 scores) and fold
+# them, sequentially per fine cluster in input order, into float64 running means: fine_mean (cf, d),
+# fine_sq (cf, d) per-dimension second moment, fine_value_mean (cf, dv) (dv may be 0), fine_counts
+# (cf,) int64. Functional: returns (assign (m,) int64, and the four updated statistics).
+_define(
+    "cluster_update(Tensor new_keys, Tensor new_values, Tensor coarse_centroids, Tensor coarse_offsets, "
+    "Tensor fine_centroids, Tensor fine_mean, Tensor fine_sq, Tensor fine_value_mean, Tensor fine_counts) "
+    "-> (Tensor assign, Tensor fine_mean_out, Tensor fine_sq_out, Tensor fine_value_mean_out, "
+    "Tensor fine_counts_out)"
+)
+# ---------------------------------------------------------------------------- end memory bank --
+
 # ----------------------------------------------------------------------------------------------
 # frame_score (issue: frame_score) -- frames (batch, T, F); weight (F,) for the linear scorer or (H,)
 # for the MLP scorer with W1 (F, H), b1 (H,); bias () ; lengths (batch,) int64. The parameters come

@@ -184,6 +184,8 @@ def to_reference(inputs: dict, dtype: torch.dtype = torch.float64) -> dict:
         else:
             out[k] = v
     return out
+
+
 # ----------------------------------------------------------------------------------------------
 # frame_score (issue: frame_score)
 # ----------------------------------------------------------------------------------------------
@@ -245,3 +247,55 @@ def make_frame_score_inputs(
                 t.requires_grad_(True)
     return out
 # ---------------------------------------------------------------------------------------------- end frame_score
+
+
+# ----------------------------------------------------------------------------------------------
+# memory bank (issue 5): synthetic banks for exact_search / cluster_lookup / HierarchicalIndex
+# ----------------------------------------------------------------------------------------------
+def make_memory_bank_data(
+    n: int,
+    d: int,
+    n_queries: int,
+    kind: str = "clustered",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys (n, d), queries (n_queries, d)), unit-norm rows, drawn from one distribution:
+
+    - "clustered": a mixture of max(8, n // 2000) Gaussians on the sphere (noise norm ~0.6).
+    - "hard": a continuous 6-dimensional manifold embedded in d dimensions by a random smooth map
+      (x = W2 sin(W1 z + b), z uniform in [0, 1]^6) and normalised: no cluster structure for k-means to
+      find, so an inverted file needs many probes (like real embeddings).
+    - "integer": small integers in [-2, 2] (not normalised): every score is exact in every dtype, so
+      all backends must agree bit for bit, ties included.
+    """
+    g = seeded_generator(seed)
+    total = n + n_queries
+    if kind == "clustered":
+        nc = max(8, n // 2000)
+        centers = torch.randn(nc, d, generator=g, dtype=torch.float64)
+        centers = centers / centers.norm(dim=1, keepdim=True)
+        lab = torch.randint(nc, (total,), generator=g)
+        x = centers[lab] + 0.6 * torch.randn(total, d, generator=g, dtype=torch.float64) / d**0.5
+    elif kind == "hard":
+        m, h = 6, 64
+        z = torch.rand(total, m, generator=g, dtype=torch.float64)
+        W1 = 3.0 * torch.randn(m, h, generator=g, dtype=torch.float64)
+        b = 2 * torch.pi * torch.rand(h, generator=g, dtype=torch.float64)
+        W2 = torch.randn(h, d, generator=g, dtype=torch.float64) / h**0.5
+        x = torch.sin(z @ W1 + b) @ W2
+    elif kind == "integer":
+        x = torch.randint(-2, 3, (total, d), generator=g).to(torch.float64)
+    else:
+        raise ValueError(f"kind must be 'clustered', 'hard' or 'integer', got {kind!r}")
+    if kind != "integer":
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    x = x.to(device=device, dtype=dtype)
+    return x[:n].contiguous(), x[n:].contiguous()
+
+
+def recall_at_k(found_ids: torch.Tensor, true_ids: torch.Tensor) -> float:
+    """Mean fraction of each row of true_ids (q, k) found in the same row of found_ids (q, k')."""
+    hit = (found_ids[:, :, None] == true_ids[:, None, :]) & (true_ids[:, None, :] >= 0)
+    return float(hit.any(1).sum(1).double().div(true_ids.shape[1]).mean())
