@@ -29,7 +29,7 @@ from . import _bwd_fake, _fwd_fake, _setup_context, make_backward
 
 __all__ = ["frame_score_fwd_triton", "frame_score_bwd_triton"]
 
-_BIG = 2**30  # an index larger than any frame index: "no frame" inside the top-k lists
+_BIG = tl.constexpr(2**30)  # an index larger than any frame index: "no frame" inside the top-k lists
 
 
 @triton.jit
