@@ -116,7 +116,7 @@ def _mhp_scan_fwd_kernel(
     pid = tl.program_id(0)
     rows = pid * R + tl.arange(0, R)  # [R]
     row_ok = rows < n_rows
-    rows = tl.where(row_ok, rows, 0)
+    rows = tl.where(row_ok, rows, 0).to(tl.int64)  # offsets such as (row * N + n) * L pass 2^31
     b = rows // dim
     d = rows % dim
     nn = tl.arange(0, NP)
@@ -246,7 +246,7 @@ def _mhp_scan_bwd_kernel(
     pid = tl.program_id(0)
     rows = pid * R + tl.arange(0, R)
     row_ok = rows < n_rows
-    rows = tl.where(row_ok, rows, 0)
+    rows = tl.where(row_ok, rows, 0).to(tl.int64)  # offsets such as (row * N + n) * L pass 2^31
     b = rows // dim
     d = rows % dim
     nn = tl.arange(0, NP)
