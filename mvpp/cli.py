@@ -127,14 +127,20 @@ def _backend_check(args) -> int:
 
     print(mk.format_backend_info())
     print()
-    inputs = make_selective_scan_inputs(4, 32, 16, 257, dtype=torch.float32, seed=args.seed)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in ("reference", "cpu", "triton", "cuda")]
+    if bad:
+        raise UsageError(f"--backends: unknown {bad}; choose from reference, cpu, triton, cuda")
+    if args.length < 1:
+        raise UsageError("--length must be >= 1")
+    inputs = make_selective_scan_inputs(4, 32, 16, args.length, dtype=torch.float32, seed=args.seed)
     ref = mk.selective_scan_ref(**{k: v.double() if v is not None and v.is_floating_point() else v
                                    for k, v in inputs.items() if k != "initial_state"}, delta_softplus=True)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     failures = 0
     print(f"{'op':<16}{'device':<8}{'backend':<11}{'rel. error vs float64':>22}{'time':>12}")
     for dev in devices:
-        for backend in ("reference", "cpu", "triton", "cuda"):
+        for backend in backends:
             kw = {k: (v.to(dev) if v is not None else None) for k, v in inputs.items() if k != "initial_state"}
             try:
                 t0 = time.perf_counter()
@@ -190,8 +196,8 @@ def cmd_demo(args) -> int:
     print(format_table(report["table"]))
     if "mvpp_vs_mmra" in report:
         r = report["mvpp_vs_mmra"]
-        print(f"\nMVPPModel vs MMRABaseline: nMSE {100 * r['nmse_reduction']:+.1f}% lower, "
-              f"SRC {r['src_gain']:+.4f}")
+        print(f"\nMVPPModel vs MMRABaseline: nMSE {100 * -r['nmse_reduction']:+.1f}% (negative = better), "
+              f"SRC {r['src_gain']:+.4f} (positive = better)")
     print(f"\nwrote {os.path.join(args.out, 'metrics.json')}" +
           "".join(f", {os.path.join(args.out, p)}" for p in report["plots"]) + f"  ({report['seconds']:.0f}s)")
     return 0
@@ -375,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="run every available backend against the float64 reference")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--backends", default="reference,cpu,triton,cuda",
+                   help="comma-separated backends to check (default: all; triton on CPU runs the slow interpreter)")
+    c.add_argument("--length", type=int, default=257, help="sequence length of the check inputs")
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("info", help="what is built and which backend auto picks")
     i.set_defaults(func=cmd_info)
@@ -397,7 +406,9 @@ def main(argv=None) -> int:
     except Exception as e:  # errors from the model layer that name their fix (missing ops, bad files)
         from mvpp.models import OpUnavailableError
 
-        if isinstance(e, (OpUnavailableError, FileNotFoundError, ImportError)):
+        from mvpp.bank import BankUsageError
+
+        if isinstance(e, (OpUnavailableError, FileNotFoundError, ImportError, BankUsageError)):
             print(f"mvpp {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise

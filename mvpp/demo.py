@@ -26,11 +26,11 @@ __all__ = ["DEMO_MODELS", "run_demo", "format_table"]
 
 # name -> (model class, config overrides, mvpp_kernels ops it needs)
 DEMO_MODELS = {
-    "MVPPModel": ("MVPPModel", {}, ("frame_score", "mhp_scan", "hawkes_loglik", "HierarchicalIndex",
+    "MVPPModel": ("MVPPModel", {}, ("frame_score", "mhp_scan", "HawkesHead", "HierarchicalIndex",
                                     "retrieval_aggregate")),
     "w/o frame scoring": ("MVPPModel", {"use_frame_scoring": False},
-                          ("mhp_scan", "hawkes_loglik", "HierarchicalIndex", "retrieval_aggregate")),
-    "w/o memory bank": ("MVPPModel", {"use_memory": False}, ("frame_score", "mhp_scan", "hawkes_loglik")),
+                          ("mhp_scan", "HawkesHead", "HierarchicalIndex", "retrieval_aggregate")),
+    "w/o memory bank": ("MVPPModel", {"use_memory": False}, ("frame_score", "mhp_scan", "HawkesHead")),
     "w/o MHP": ("MVPPModel", {"use_mhp": False}, ("frame_score", "HierarchicalIndex", "retrieval_aggregate")),
     "MMRABaseline": ("MMRABaseline", {}, ("exact_search", "retrieval_aggregate")),
     "NoRetrievalMLP": ("NoRetrievalMLP", {}, ()),
@@ -179,8 +179,7 @@ def _intensity_plot(out_dir, model, data, idx, plt):
         q = torch.linspace(0, T, 400)[None]
         lam = model.mhp.intensity(data.event_dt[i:i + 1, :L], data.event_marks[i:i + 1, :L],
                                   data.event_lengths[i:i + 1], data.dt_end[i:i + 1], q)
-        lam = lam[0].float()  # (marks, Q) -- per unit of scaled time; convert to per unit of data time
-        lam = lam * model.mhp.time_scale
+        lam = lam[0].float().T * model.mhp.time_scale  # (marks, Q), per unit of data time
         times = torch.cumsum(data.event_dt[i, :L], 0)[: int(data.event_lengths[i])]
         marks = data.event_marks[i, : int(data.event_lengths[i])]
         for k in range(lam.shape[0]):

@@ -106,7 +106,10 @@ class MMRABaseline(PopularityModel):
         k = min(self.config.k_retrieval, keys.shape[0] - 1)
         scores, ids = exact_search(keys, F.normalize(batch["retrieval"].float(), dim=1), k, metric="ip",
                                    exclude=exclude, backend=self.config.backend)
-        agg = retrieval_aggregate(scores, ids, self._bank_values.to(dev))
+        valid = ids >= 0
+        vals = self._bank_values.to(dev)[ids.clamp(min=0)]
+        agg = retrieval_aggregate(batch["retrieval"].float(), torch.where(valid, scores, torch.zeros_like(scores)),
+                                  vals, valid=valid)
         nf = self.samples * self.frame_dim
         rf = agg[:, :nf].view(-1, self.samples, self.frame_dim)
         rt = agg[:, nf:-1]

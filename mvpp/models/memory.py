@@ -53,68 +53,86 @@ class TopologyMemoryBank(nn.Module):
 
     # -- the bank -------------------------------------------------------------------------------
     def build(self, keys: torch.Tensor, values: torch.Tensor, seed: int = 0) -> None:
-        """Index past videos: keys (n, d) unit retrieval vectors, values (n, value_dim)."""
+        """Index past videos: keys (n, d) retrieval vectors, values (n, value_dim). Item i gets id i."""
         keys = F.normalize(keys.float(), dim=1)
         self.bank_keys = keys
         self.bank_values = values.float()
         if self.hierarchical:
             HierarchicalIndex = op("HierarchicalIndex", "TopologyMemoryBank")
             branching = self.branching or default_branching(keys.shape[0])
-            self.index = HierarchicalIndex.build(keys, values=self.bank_values, branching=branching, metric="ip",
-                                                 seed=seed)
+            self.index = HierarchicalIndex.build(keys, values=self.bank_values, branching=branching,
+                                                 metric="cosine", knn=min(16, keys.shape[0] - 1), seed=seed,
+                                                 backend=self.backend)
         else:
             op("exact_search", "the flat memory bank")
             self.index = None
 
     def set_trajectories(self, traj: torch.Tensor) -> None:
+        """Trajectory descriptors of the bank's items, row = item id."""
         self.bank_traj = traj.detach().float()
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """New past videos arrive: fold them into the hierarchical index (cluster_update)."""
-        keys = F.normalize(keys.float(), dim=1)
+    def update(self, keys: torch.Tensor, values: torch.Tensor, traj: torch.Tensor | None = None) -> torch.Tensor:
+        """New past videos arrive: fold them into the hierarchical index (`cluster_update`: running
+        cluster statistics, bounded exemplars). Returns their ids."""
         if self.index is None:
             raise RuntimeError("update needs a hierarchical bank built with build() first")
-        self.index.update(keys, values.float())
+        ids = self.index.update(F.normalize(keys.float(), dim=1), values.float(), backend=self.backend)
+        if traj is not None and self.traj_proj is not None:
+            grown = torch.zeros(int(ids.max()) + 1 if ids.numel() else self.bank_traj.shape[0],
+                                self.bank_traj.shape[1], device=self.bank_traj.device)
+            grown[: self.bank_traj.shape[0]] = self.bank_traj
+            grown[ids] = traj.detach().float().to(grown.device)
+            self.bank_traj = grown
+        return ids
 
     @property
     def size(self) -> int:
-        return int(self.bank_keys.shape[0])
+        return int(self.index.n_members) if self.index is not None else int(self.bank_keys.shape[0])
+
+    def _nprobe(self):
+        if self.nprobe:
+            return (min(self.nprobe[0], self.index.n_coarse), min(self.nprobe[1], self.index.n_fine))
+        return (max(1, math.ceil(self.index.n_coarse / 2)), max(1, math.ceil(self.index.n_fine / 4)))
 
     def _search(self, q: torch.Tensor, k: int, exclude):
+        """(ids (B, k), keys (B, k, d), values (B, k, dv), found (B, k))."""
         if self.index is not None:
-            nprobe = self.nprobe or None
-            kw = {"nprobe": nprobe} if nprobe else {}
-            return self.index.search(q, k, exclude=exclude, **kw)
+            _, ids = self.index.search(q, k, nprobe=self._nprobe(), exclude=exclude, backend=self.backend,
+                                      check_inputs=False)
+            keys, values, found = self.index.lookup(ids)
+            return ids, keys.float(), values.float(), found
         exact_search = op("exact_search", "the flat memory bank")
-        return exact_search(self.bank_keys, q, k, metric="ip", exclude=exclude, backend=self.backend)
+        _, ids = exact_search(self.bank_keys, q, k, metric="ip", exclude=exclude, backend=self.backend,
+                             check_inputs=False)
+        found = ids >= 0
+        c = ids.clamp(min=0)
+        return ids, self.bank_keys[c], self.bank_values[c], found
 
     # -- a query --------------------------------------------------------------------------------
     def forward(self, content: torch.Tensor, traj: torch.Tensor | None = None, exclude: torch.Tensor | None = None):
         """content (batch, d) retrieval vectors, traj (batch, traj_dim) or None, exclude (batch,) bank
         ids to skip (-1: none). Returns rep (batch, d_out), agg (batch, value_dim), ids (batch, k)."""
-        if self.size == 0:
+        if self.size < 2:
             raise RuntimeError("the memory bank is empty: call build() with past videos first")
         retrieval_aggregate = op("retrieval_aggregate", "TopologyMemoryBank")
         q = F.normalize(content.float(), dim=1)
-        use_traj = self.traj_proj is not None and traj is not None and self.bank_traj.shape[0] == self.size
+        use_traj = self.traj_proj is not None and traj is not None and self.bank_traj.shape[0] > 1
         k = min(self.k, self.size - 1)
         n_cand = min(self.size - 1, 3 * k if use_traj else k)
         with torch.no_grad():
-            _, cand = self._search(q.detach(), n_cand, exclude)
-        valid = cand >= 0
-        cand_c = cand.clamp(min=0)
+            ids, keys, values, found = self._search(q.detach(), n_cand, exclude)
         # similarity recomputed with autograd so the query (and the trajectory projection) learn
-        s = (q.unsqueeze(1) * self.bank_keys[cand_c]).sum(-1)
+        s = (q.unsqueeze(1) * keys).sum(-1)
         if use_traj:
             tq = F.normalize(self.traj_proj(traj.float()), dim=1)
-            tb = F.normalize(self.traj_proj(self.bank_traj[cand_c]), dim=-1)
+            tid = ids.clamp(min=0, max=self.bank_traj.shape[0] - 1)
+            tb = F.normalize(self.traj_proj(self.bank_traj[tid]), dim=-1)
             s = s + self.traj_weight * (tq.unsqueeze(1) * tb).sum(-1)
-        s = s.masked_fill(~valid, float("-inf"))
+        s = s.masked_fill(~found, float("-inf"))
         if n_cand > k:
             s, pos = s.topk(k, dim=1)
-            ids = cand.gather(1, pos)
-        else:
-            ids = cand
-        scores = s * self.log_inv_temp.exp()
-        agg = retrieval_aggregate(scores, ids, self.bank_values)
+            ids, values, found = ids.gather(1, pos), values.gather(1, pos[..., None].expand(-1, -1, values.shape[-1])), \
+                found.gather(1, pos)
+        scores = torch.where(found, s, torch.zeros_like(s)) * self.log_inv_temp.exp()
+        agg = retrieval_aggregate(q, scores, values, valid=found)
         return {"rep": F.relu(self.value_proj(agg)), "agg": agg, "ids": ids}

@@ -85,22 +85,21 @@ class MHPEncoder(nn.Module):
             self.dt_proj.bias.copy_(dt0 + torch.log(-torch.expm1(-dt0)))  # softplus^-1
         self.D = nn.Parameter(torch.ones(d_model))
         self.out_proj = nn.Linear(2 * d_model + 2, d_out)
-        # Hawkes head: lambda_k = mu_k + W_k . y
-        self.mu_raw = nn.Parameter(torch.full((n_marks,), -1.0))
-        self.W_raw = nn.Parameter(torch.randn(n_marks, d_model) * 0.1 - 2.0)
+        # Hawkes head (mvpp_kernels.HawkesHead): lambda_k = mu_k + W_k . y, mu = softplus(.) > 0, W = softplus(.) >= 0
+        self.head = op("HawkesHead", "MHPEncoder")(n_marks, d_model, init_mu=0.5, init_w=0.05)
 
     @property
     def mu(self) -> torch.Tensor:
-        return F.softplus(self.mu_raw) + 1e-4
+        return self.head.mu
 
     @property
     def W(self) -> torch.Tensor:
-        return F.softplus(self.W_raw)
+        return self.head.W
 
     def _scan_inputs(self, dt, marks, lengths):
         batch, L = dt.shape
         valid = torch.arange(L, device=dt.device)[None, :] < lengths[:, None]
-        s_dt = dt * self.time_scale
+        s_dt = torch.where(valid, dt, torch.zeros_like(dt)) * self.time_scale
         tf = torch.stack([torch.log1p(s_dt), (valid.float())], dim=-1)
         x = self.mark_emb(marks.clamp(0, self.n_marks - 1)) + self.time_proj(tf)
         x = x * valid.unsqueeze(-1)
@@ -124,14 +123,13 @@ class MHPEncoder(nn.Module):
         scan (the MhpScanOutput).
         """
         mhp_scan = op("mhp_scan", "MHPEncoder")
-        hawkes_loglik = op("hawkes_loglik", "MHPEncoder's Hawkes head")
         lengths = event_lengths.to(torch.int64)
         u, delta, A, B, C, g, s_dt, valid = self._scan_inputs(event_dt, event_marks, lengths)
         s_end = dt_end * self.time_scale
         out = mhp_scan(u, delta, A, B, C, s_dt, D=self.D, z=g, delta_bias=self.dt_proj.bias,
                        delta_softplus=True, dt_end=s_end, lengths=lengths, backend=self.backend)
-        T = s_dt.sum(1) + s_end
-        ll = hawkes_loglik(out, event_marks, self.mu, self.W, T, lengths)
+        T = (s_dt * valid).sum(1) + s_end  # padding may hold anything
+        ll = self.head(out, event_marks, T, lengths)
         y = out.y.float()  # (batch, dim, L)
         vm = valid.unsqueeze(1).float()
         n = lengths.clamp(min=1).float()
@@ -143,9 +141,10 @@ class MHPEncoder(nn.Module):
         return {"rep": self.out_proj(traj), "loglik": ll, "traj": traj, "scan": out, "T": T}
 
     def intensity(self, event_dt, event_marks, event_lengths, dt_end, query_times):
-        """lambda_k at `query_times` (batch, Q) in the data's time unit, via mvpp_kernels.hawkes_intensity."""
-        hawkes_intensity = op("hawkes_intensity", "MHPEncoder.intensity")
+        """(batch, Q, K) intensities at `query_times` (batch, Q) (data time unit; the rates are per
+        scaled time unit), via mvpp_kernels.hawkes_intensity."""
+        op("hawkes_intensity", "MHPEncoder.intensity")
         lengths = event_lengths.to(torch.int64)
         u, delta, A, B, C, g, s_dt, valid = self._scan_inputs(event_dt, event_marks, lengths)
-        return hawkes_intensity(u, delta, A, B, C, s_dt, query_times * self.time_scale, self.mu, self.W,
-                                delta_bias=self.dt_proj.bias, delta_softplus=True, lengths=lengths)
+        return self.head.intensity(query_times * self.time_scale, u=u, delta=delta, A=A, B=B, C=C, dt=s_dt,
+                                   delta_bias=self.dt_proj.bias, delta_softplus=True, lengths=lengths)

@@ -54,46 +54,53 @@ class MVPPModel(PopularityModel):
         self.norm = nn.LayerNorm(d)
         self.pool = AttentivePooling(d)
         self.head = MLP(d * (n_tok + 1) + (1 if self.memory is not None else 0), 2 * d, 1, cfg.dropout)
-        self._bank_data = None
-        self._bank_idx = None
+        self._bank_items: list = []
         self._bank_pos = None
 
     # -- memory bank ------------------------------------------------------------------------------
     def attach_bank(self, data, train_idx) -> None:
+        """Build the bank over the training videos (item i of train_idx gets bank id i)."""
         if self.memory is None:
             return
         idx = torch.as_tensor(train_idx, dtype=torch.long)
-        self._bank_data, self._bank_idx = data, idx
+        self._bank_items = [(data, idx)]
         pos = torch.full((len(data),), -1, dtype=torch.long)
         pos[idx] = torch.arange(idx.numel())
         self._bank_pos = pos
         self.memory.build(data.retrieval[idx], bank_values(data, idx))
 
     @torch.no_grad()
-    def refresh_bank(self, batch_size: int = 512) -> None:
-        """Recompute the bank's trajectory descriptors with the current MHP encoder."""
-        if self.memory is None or self.mhp is None or self._bank_data is None:
-            return
+    def _trajectories(self, data, idx, batch_size: int = 512) -> torch.Tensor:
         was = self.training
         self.eval()
-        d, idx = self._bank_data, self._bank_idx
         dev = next(self.parameters()).device
         out = []
         for s in range(0, idx.numel(), batch_size):
             j = idx[s: s + batch_size]
-            L = max(1, int(d.event_lengths[j].max()))
-            r = self.mhp(d.event_dt[j, :L].to(dev), d.event_marks[j, :L].to(dev), d.event_lengths[j].to(dev),
-                         d.dt_end[j].to(dev))
+            L = max(1, int(data.event_lengths[j].max()))
+            r = self.mhp(data.event_dt[j, :L].to(dev), data.event_marks[j, :L].to(dev), data.event_lengths[j].to(dev),
+                         data.dt_end[j].to(dev))
             out.append(r["traj"])
-        self.memory.set_trajectories(torch.cat(out))
         self.train(was)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def refresh_bank(self) -> None:
+        """Recompute every bank item's trajectory descriptor with the current MHP encoder."""
+        if self.memory is None or self.mhp is None or not self._bank_items:
+            return
+        self.memory.set_trajectories(torch.cat([self._trajectories(d, i) for d, i in self._bank_items]))
 
     def update_bank(self, data, idx) -> None:
-        """Fold newly arrived videos (with known labels) into the hierarchical bank."""
+        """Fold newly arrived videos (labels known) into the hierarchical bank via cluster_update."""
         if self.memory is None:
             return
         idx = torch.as_tensor(idx, dtype=torch.long)
-        self.memory.update(data.retrieval[idx], bank_values(data, idx))
+        traj = self._trajectories(data, idx) if self.mhp is not None else None
+        ids = self.memory.update(data.retrieval[idx], bank_values(data, idx), traj)
+        self._bank_items.append((data, idx))
+        if self._bank_pos is not None and data is self._bank_items[0][0]:
+            self._bank_pos[idx] = ids.cpu()  # a video never retrieves itself
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
