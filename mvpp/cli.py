@@ -214,6 +214,9 @@ def cmd_train(args) -> int:
     _check_device(tc.device)
     data = _load_data(args.data or data_cfg.get("source", "synthetic:small"), args.data_seed, args.features)
     splits = split_indices(len(data), "mmra")
+    from mvpp.train import seed_everything
+
+    seed_everything(tc.seed, tc.deterministic)
     try:
         model = build_model(args.model, data, mc)
     except ValueError as e:

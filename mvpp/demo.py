@@ -20,7 +20,7 @@ import torch
 from .data import generate, split_indices
 from .metrics import all_metrics
 from .models import ModelConfig, OpUnavailableError, build_model, fit_gbt, gbt_features, has_op
-from .train import TrainConfig, predict, train_model
+from .train import TrainConfig, predict, seed_everything, train_model
 
 __all__ = ["DEMO_MODELS", "run_demo", "format_table"]
 
@@ -78,6 +78,7 @@ def run_one_seed(preset: str, seed: int, models: list[str], model_config: ModelC
                 pred = torch.from_numpy(gbt.predict(gbt_features(data, test))).float()
                 hist = {"epochs_run": int(gbt.n_iter_)}
             else:
+                seed_everything(seed, train_config.deterministic)  # initial weights depend only on the seed
                 model = build_model(cls, data, replace(model_config, **over))
                 hist = train_model(model, data, splits, replace(train_config, seed=seed), log=log)
                 if getattr(model, "memory", None) is not None and model.memory.hierarchical:

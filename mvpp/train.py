@@ -99,6 +99,7 @@ def save_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if best_state is not None:
         tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+    tensors["rng.torch"] = torch.get_rng_state()  # dropout draws continue exactly on resume
     meta = {"format": CHECKPOINT_FORMAT, "extra": extra or {}}
     if optimizer is not None:
         t, m = _flatten_optimizer(optimizer)
@@ -135,6 +136,8 @@ def load_checkpoint(path: str, model: Optional[torch.nn.Module] = None,
                              f"{unexpected} (was it written by another model or config?)")
     if optimizer is not None and "optimizer" in meta:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
     return meta.get("extra", {})
 
 
@@ -163,6 +166,7 @@ def train_model(model, data, splits: dict, config: TrainConfig | None = None, ch
     train_idx, val_idx = splits["train"], splits["val"]
     y = data.label[train_idx]
     model.set_label_stats(float(y.mean()), float(y.std()))
+    model.prepare(data, train_idx)
     model.to(dev)
     model.attach_bank(data, train_idx)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

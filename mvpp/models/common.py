@@ -100,6 +100,10 @@ class PopularityModel(nn.Module):
             loss = loss + self.config.nll_weight * out["nll"].mean()
         return loss
 
+    def prepare(self, data, train_idx) -> None:
+        """Data-dependent initialisation before training (default: none)."""
+        return None
+
     def attach_bank(self, data, train_idx) -> None:  # no bank by default
         return None
 

@@ -57,6 +57,20 @@ class MVPPModel(PopularityModel):
         self._bank_items: list = []
         self._bank_pos = None
 
+    @torch.no_grad()
+    def prepare(self, data, train_idx) -> None:
+        """Start the Hawkes head's base rates mu_k at half the empirical rate of mark k in the training
+        windows (the excitation carries the rest), instead of a mark-blind constant."""
+        if self.mhp is None:
+            return
+        idx = torch.as_tensor(train_idx, dtype=torch.long)
+        L = data.event_marks.shape[1]
+        valid = torch.arange(L)[None] < data.event_lengths[idx, None]
+        counts = torch.stack([((data.event_marks[idx] == k) & valid).sum() for k in range(self.mhp.n_marks)]).double()
+        span = float(data.window[idx].double().sum()) * self.mhp.time_scale
+        rate = (0.5 * counts / max(span, 1e-12)).clamp(min=1e-3)
+        self.mhp.head.mu_raw.copy_(torch.log(torch.expm1(rate - self.mhp.head.eps)).to(self.mhp.head.mu_raw))
+
     # -- memory bank ------------------------------------------------------------------------------
     def attach_bank(self, data, train_idx) -> None:
         """Build the bank over the training videos (item i of train_idx gets bank id i)."""

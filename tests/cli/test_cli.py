@@ -69,13 +69,13 @@ def test_errors_say_what_to_fix(capsys, tmp_path):
 def test_demo_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     cfg = tmp_path / "demo.yaml"
-    cfg.write_text("model:\n  d: 16\ntrain:\n  epochs: 2\n  batch_size: 64\n")
+    cfg.write_text("model:\n  d: 16\ntrain:\n  epochs: 1\n  batch_size: 64\n")
     rc, stdout, _ = run(["demo", "--preset", "tiny", "--out", str(out), "--config", str(cfg), "--quiet"], capsys)
     assert rc == 0
     assert "NoRetrievalMLP" in stdout and "nMSE" in stdout
     report = json.loads((out / "metrics.json").read_text())
     assert report["preset"] == "tiny" and report["model_config"]["d"] == 16
-    assert report["train_config"]["epochs"] == 2
+    assert report["train_config"]["epochs"] == 1
     table = report["table"]
     assert set(table) == {"MVPPModel", "w/o frame scoring", "w/o memory bank", "w/o MHP", "MMRABaseline",
                           "NoRetrievalMLP", "GBT (sklearn)"}
