@@ -61,12 +61,61 @@ struct TopK {
   }
 };
 
+// Lanes of the explicit partial sums below: wide enough for one AVX-512 (or two AVX2) registers of
+// float, so a dot product runs as several independent FMA chains instead of one latency-bound chain.
+constexpr int64_t kLanes = 16;
+
 template <typename scalar_t, typename acc_t>
 inline acc_t dot_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ w, int64_t F) {
+  acc_t a[kLanes] = {};
+  int64_t f = 0;
+  for (; f + kLanes <= F; f += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) a[j] += static_cast<acc_t>(x[f + j]) * w[f + j];
+  }
   acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t f = 0; f < F; ++f) s += static_cast<acc_t>(x[f]) * w[f];
+  for (int64_t j = 0; j < kLanes; ++j) s += a[j];
+  for (; f < F; ++f) s += static_cast<acc_t>(x[f]) * w[f];
   return s;
+}
+
+// Four rows against one vector: w is loaded once for four independent accumulator chains.
+template <typename scalar_t, typename acc_t>
+inline void dot_rows4(const scalar_t* __restrict__ x, int64_t F, const acc_t* __restrict__ w, acc_t* out) {
+  const scalar_t* __restrict__ x0 = x;
+  const scalar_t* __restrict__ x1 = x + F;
+  const scalar_t* __restrict__ x2 = x + 2 * F;
+  const scalar_t* __restrict__ x3 = x + 3 * F;
+  acc_t a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+  int64_t f = 0;
+  for (; f + kLanes <= F; f += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc_t wj = w[f + j];
+      a0[j] += static_cast<acc_t>(x0[f + j]) * wj;
+      a1[j] += static_cast<acc_t>(x1[f + j]) * wj;
+      a2[j] += static_cast<acc_t>(x2[f + j]) * wj;
+      a3[j] += static_cast<acc_t>(x3[f + j]) * wj;
+    }
+  }
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    s0 += a0[j];
+    s1 += a1[j];
+    s2 += a2[j];
+    s3 += a3[j];
+  }
+  for (; f < F; ++f) {
+    const acc_t wj = w[f];
+    s0 += static_cast<acc_t>(x0[f]) * wj;
+    s1 += static_cast<acc_t>(x1[f]) * wj;
+    s2 += static_cast<acc_t>(x2[f]) * wj;
+    s3 += static_cast<acc_t>(x3[f]) * wj;
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
 }
 
 // s = weight . gelu(W1^T x + b1) (MLP) or weight . x (linear); `a` is scratch of size H.
@@ -135,8 +184,13 @@ void frame_score_fwd_impl(const at::Tensor& frames, const at::Tensor& weight, co
       for (int64_t tb = t0; tb < v1; tb += kBlockT) {
         const int64_t te = std::min(v1, tb + kBlockT);
         acc_t bmax = neg_inf;
-        for (int64_t t = tb; t < te; ++t) {
-          const acc_t s = score_row(Xb + t * F, w, W1p, b1p, F, H, a.data()) + bias_v;
+        acc_t ss[kBlockT];
+        int64_t t = tb;
+        if (W1p == nullptr)
+          for (; t + 4 <= te; t += 4) dot_rows4(Xb + t * F, F, w, ss + (t - tb));
+        for (; t < te; ++t) ss[t - tb] = score_row(Xb + t * F, w, W1p, b1p, F, H, a.data());
+        for (t = tb; t < te; ++t) {
+          const acc_t s = ss[t - tb] + bias_v;
           S[b * T + t] = s;
           zs[t - tb] = s * inv_tau;
           bmax = std::max(bmax, zs[t - tb]);
@@ -151,9 +205,25 @@ void frame_score_fwd_impl(const at::Tensor& frames, const at::Tensor& weight, co
           }
           m = bmax;
         }
-        for (int64_t t = tb; t < te; ++t) {
-          const acc_t p = std::exp(zs[t - tb] - m);
-          l += p;
+        acc_t ps[kBlockT];
+        for (t = tb; t < te; ++t) {
+          ps[t - tb] = std::exp(zs[t - tb] - m);
+          l += ps[t - tb];
+        }
+        // Four rows per sweep over the accumulator: a quarter of its loads/stores.
+        for (t = tb; t + 4 <= te; t += 4) {
+          const scalar_t* __restrict__ x0 = Xb + t * F;
+          const scalar_t* __restrict__ x1 = x0 + F;
+          const scalar_t* __restrict__ x2 = x0 + 2 * F;
+          const scalar_t* __restrict__ x3 = x0 + 3 * F;
+          const acc_t p0 = ps[t - tb], p1 = ps[t - tb + 1], p2 = ps[t - tb + 2], p3 = ps[t - tb + 3];
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f)
+            accp[f] += p0 * static_cast<acc_t>(x0[f]) + p1 * static_cast<acc_t>(x1[f]) +
+                       p2 * static_cast<acc_t>(x2[f]) + p3 * static_cast<acc_t>(x3[f]);
+        }
+        for (; t < te; ++t) {
+          const acc_t p = ps[t - tb];
           const scalar_t* __restrict__ x = Xb + t * F;
 #pragma omp simd
           for (int64_t f = 0; f < F; ++f) accp[f] += p * static_cast<acc_t>(x[f]);
