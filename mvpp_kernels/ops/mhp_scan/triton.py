@@ -31,8 +31,10 @@ from . import _bwd_fake, _fwd_fake, _setup_context, make_backward, state_dtype
 
 __all__ = ["mhp_scan_fwd_triton", "mhp_scan_bwd_triton"]
 
-# Elements of one [R, BL, NP] tile a program aims for when packing rows of short sequences.
-_TILE_TARGET = 2048
+# Elements of one [R, BL, NP] tile a program aims for when packing rows of short sequences. Larger
+# tiles spill on sm_90: at 2048 elements and 4 warps the backward needs ~1 KB of stack per thread;
+# at 1024 elements and 8 warps it fits in 229 registers (forward: 80).
+_TILE_TARGET = 1024
 # Packing rows only pays for short sequences; long ones have parallelism in the row count already.
 _PACK_MAX_L = 256
 _MAX_ROWS_PER_PROGRAM = 16
@@ -155,7 +157,7 @@ def _mhp_scan_fwd_kernel(
     has_ev = lens >= 1
     if HAS_H0:
         h = tl.load(h0_ptr + r2 * N + nn[None, :], mask=mask_rn, other=0.0).to(CT)  # [R, NP]
-        d0, _ = _step(delta_ptr, db2, r2 * L, has_ev[:, None], SOFTPLUS, CT)  # [R, 1]
+        d0, _d0_sp = _step(delta_ptr, db2, r2 * L, has_ev[:, None], SOFTPLUS, CT)  # [R, 1]
         dt0 = tl.load(dt_ptr + b[:, None] * L, mask=has_ev[:, None], other=0.0).to(CT)
         if C_VAR:
             C0 = tl.load(C_ptr + C_base[:, None] + nn[None, :] * L, mask=mask_rn & has_ev[:, None], other=0.0).to(CT)
@@ -182,9 +184,9 @@ def _mhp_scan_fwd_kernel(
         hn3 = has_next[:, :, None]
         io = r2 * L + t2  # [R, BL]
         u = tl.load(u_ptr + io, mask=valid, other=0.0).to(CT)
-        dl, _ = _step(delta_ptr, db2, io, valid, SOFTPLUS, CT)
+        dl, _dl_sp = _step(delta_ptr, db2, io, valid, SOFTPLUS, CT)
         # Δ of the event before (event 1 borrows its own): sets the decay of the gap before event k.
-        dlp, _ = _step(delta_ptr, db2, r2 * L + tl.maximum(t2 - 1, 0), valid, SOFTPLUS, CT)
+        dlp, _dlp_sp = _step(delta_ptr, db2, r2 * L + tl.maximum(t2 - 1, 0), valid, SOFTPLUS, CT)
         dtk = tl.load(dt_ptr + b[:, None] * L + t2, mask=valid, other=0.0).to(CT)
         dtn = tl.load(dt_ptr + b[:, None] * L + t2 + 1, mask=has_next, other=0.0).to(CT)
         if HAS_DTEND:
@@ -331,7 +333,7 @@ def _mhp_scan_bwd_kernel(
             hstart = h0
         u = tl.load(u_ptr + io, mask=valid, other=0.0).to(CT)
         dl, dsp = _step(delta_ptr, db2, io, valid, SOFTPLUS, CT)
-        dlp, _ = _step(delta_ptr, db2, r2 * L + tl.maximum(t2 - 1, 0), valid, SOFTPLUS, CT)
+        dlp, _dlp_sp = _step(delta_ptr, db2, r2 * L + tl.maximum(t2 - 1, 0), valid, SOFTPLUS, CT)
         dtk = tl.load(dt_ptr + b[:, None] * L + t2, mask=valid, other=0.0).to(CT)
         dtn = tl.load(dt_ptr + b[:, None] * L + t2 + 1, mask=has_next, other=0.0).to(CT)
         if HAS_DTEND:
@@ -462,8 +464,8 @@ def _mhp_scan_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers (torch.library.triton_op)
 # ---------------------------------------------------------------------------------------------
-def _geometry(n_rows: int, L: int, N: int, chunk_size: int) -> tuple[int, int, int]:
-    """(R rows per program, BL events per tile, NP padded state) for a problem."""
+def _geometry(n_rows: int, L: int, N: int, chunk_size: int) -> tuple[int, int, int, int]:
+    """(R rows per program, BL events per tile, NP padded state, num_warps) for a problem."""
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
         raise ValueError(f"the triton mhp_scan needs a power-of-two chunk_size, got {chunk_size}")
     BL = min(chunk_size, triton.next_power_of_2(max(L, 1)))
@@ -472,7 +474,9 @@ def _geometry(n_rows: int, L: int, N: int, chunk_size: int) -> tuple[int, int, i
     if L <= _PACK_MAX_L:
         R = max(1, min(_MAX_ROWS_PER_PROGRAM, _TILE_TARGET // (BL * NP), triton.next_power_of_2(n_rows)))
         R = 1 << (R.bit_length() - 1)  # a power of two for tl.arange
-    return R, BL, NP
+    # About 4 tile elements per thread per live tensor (what fits in registers, see _TILE_TARGET).
+    num_warps = min(16, max(4, (R * BL * NP) // 128))
+    return R, BL, NP, num_warps
 
 
 def _layout(X: torch.Tensor, dim: int) -> tuple[bool, int, int]:
@@ -532,7 +536,7 @@ def mhp_scan_fwd_triton(
         else:
             last_state.zero_()
         return y, y_left, integral, last_state, chunk_states
-    R, BL, NP = _geometry(n_rows, L, N, chunk_size)
+    R, BL, NP, num_warps = _geometry(n_rows, L, N, chunk_size)
     u, delta, A, B, C, dt = (t.contiguous() for t in (u, delta, A, B, C, dt))
     D, z, delta_bias, dt_end, lengths, initial_state = map(_c, (D, z, delta_bias, dt_end, lengths, initial_state))
     B_var, dpg_B, G_B = _layout(B, dim)
@@ -549,7 +553,7 @@ def mhp_scan_fwd_triton(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DB=delta_bias is not None, HAS_DTEND=dt_end is not None,
         HAS_LEN=lengths is not None, HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
         B_VAR=B_var, C_VAR=C_var, R=R, BL=BL, NP=NP, TERMS=_terms(sd), CT=_tl_dtype(sd),
-        num_warps=4,
+        num_warps=num_warps,
     )
     return y, y_left, integral, last_state, chunk_states
 
@@ -606,7 +610,7 @@ def mhp_scan_bwd_triton(
         else:
             dh0.zero_()
     else:
-        R, BL, NP = _geometry(n_rows, L, N, chunk_size)
+        R, BL, NP, num_warps = _geometry(n_rows, L, N, chunk_size)
         u, delta, A, B, C, dt, dy, chunk_states = (
             t.contiguous() for t in (u, delta, A, B, C, dt, dy, chunk_states))
         D, z, delta_bias, dt_end, lengths, initial_state, dy_left, dintegral, dlast_state = map(
@@ -628,7 +632,7 @@ def mhp_scan_bwd_triton(
             HAS_DTEND=dt_end is not None, HAS_LEN=lengths is not None, HAS_H0=initial_state is not None,
             SOFTPLUS=bool(delta_softplus), B_VAR=B_var, C_VAR=C_var,
             R=R, BL=BL, NP=NP, TERMS=_terms(sd), CT=_tl_dtype(sd),
-            num_warps=4,
+            num_warps=num_warps,
         )
     dB = dB_k.view(batch, G_B, dpg_B, N, L).sum(2) if B_var else dB_k
     dC = dC_k.view(batch, G_C, dpg_C, N, L).sum(2) if C_var else dC_k

@@ -1,0 +1,9 @@
+// Host stand-in for <cuda_fp16.h> (see cuda_runtime.h here); the emulation runs float32 only.
+#pragma once
+#include <cstdint>
+#include <cstring>
+struct __half {
+  uint16_t bits;
+};
+inline float __half2float(__half) { return 0.f; }
+inline __half __float2half_rn(float) { return __half{0}; }
