@@ -78,22 +78,26 @@ def iterate_batches(data: VideoData, indices, batch_size: int, shuffle: bool = F
         yield {k: v.to(device) for k, v in b.items()}
 
 
-def split_indices(n: int, scheme: str = "mmra", seed: int = 0) -> dict:
-    """Train/val/test indices.
+def _shuffle_split(idx: np.ndarray, test_size: float, random_state: int):
+    """sklearn's train_test_split(idx, test_size=..., random_state=...) (ShuffleSplit: one permutation
+    from RandomState(random_state); the first ceil(test_size * n) are the test part), without sklearn."""
+    n = idx.shape[0]
+    n_test = int(np.ceil(test_size * n))
+    perm = np.random.RandomState(random_state).permutation(n)
+    return idx[perm[n_test:]], idx[perm[:n_test]]
 
-    "mmra": MMRA's split -- sklearn's train_test_split(test_size=0.2, random_state=9) of all items,
-    then the held-out 20% split 50/50 into val/test with random_state=18 (so 80/10/10). Needs
-    scikit-learn; "random" does the same proportions with numpy and `seed`.
+
+def split_indices(n: int, scheme: str = "mmra", seed: int = 0) -> dict:
+    """Train/val/test indices (sorted).
+
+    "mmra": MMRA's split -- train_test_split(test_size=0.2, random_state=9) of all items, then the
+    held-out 20% split 50/50 into val/test with random_state=18 (so 80/10/10); reproduced exactly
+    without needing scikit-learn (tested against it). "random": the same proportions from `seed`.
     """
     idx = np.arange(n)
     if scheme == "mmra":
-        try:
-            from sklearn.model_selection import train_test_split
-        except ImportError as e:  # pragma: no cover - sklearn is in the test extras
-            raise ImportError("split scheme 'mmra' needs scikit-learn (pip install scikit-learn), "
-                              "or use scheme='random'") from e
-        train, rest = train_test_split(idx, test_size=0.2, random_state=9)
-        val, test = train_test_split(rest, test_size=0.5, random_state=18)
+        train, rest = _shuffle_split(idx, 0.2, 9)
+        val, test = _shuffle_split(rest, 0.5, 18)
     elif scheme == "random":
         perm = np.random.default_rng(seed).permutation(n)
         n_test = int(round(0.2 * n))

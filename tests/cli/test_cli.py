@@ -100,3 +100,31 @@ def test_train_eval_resume(tmp_path, capsys):
     rc, out, _ = run(args[:-5] + ["--epochs", "3", "--quiet", "--d", "8", "--resume"], capsys)
     assert rc == 0 and "resumed from" in out
     assert json.loads(out[out.index("{\n"):])["epochs"] == 3
+
+
+def test_bank_build_search_update(tmp_path, capsys):
+    idx = str(tmp_path / "bank.safetensors")
+    rc, out, _ = run(["bank", "build", "--index", idx, "--data", "synthetic:tiny"], capsys)
+    assert rc == 0
+    built = json.loads(out)
+    assert built["items"] == 240 and os.path.exists(idx)
+    rc, out, _ = run(["bank", "search", "--index", idx, "--data", "synthetic:tiny", "--k", "5", "--limit", "2"], capsys)
+    assert rc == 0
+    found = json.loads(out)
+    assert found["queries"] == 30 and len(found["results"]) == 2 and 0.5 <= found["recall@5"] <= 1.0
+    # all probes: recall 1 (the hierarchical search is then exact)
+    rc, out, _ = run(["bank", "search", "--index", idx, "--data", "synthetic:tiny", "--k", "5", "--nprobe",
+                      str(built["coarse_clusters"]), str(built["fine_clusters"])], capsys)
+    assert json.loads(out)["recall@5"] == 1.0
+    rc, out, _ = run(["bank", "update", "--index", idx, "--data", "synthetic:tiny"], capsys)
+    up = json.loads(out)
+    assert rc == 0 and up["added"] == 30 and up["items_seen"] == 270
+    rc, _, err = run(["bank", "build", "--index", idx], capsys)
+    assert rc == 2 and "--keys FILE or --data" in err
+    from safetensors.torch import save_file
+    import torch
+
+    kf = str(tmp_path / "k.safetensors")
+    save_file({"vectors": torch.randn(20, 4)}, kf)
+    rc, _, err = run(["bank", "build", "--index", idx, "--keys", kf], capsys)
+    assert rc == 2 and "has no tensor 'keys'" in err
