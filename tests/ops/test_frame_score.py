@@ -361,3 +361,47 @@ def test_check_inputs_rejects_nan():
 def test_bad_backend_name():
     with pytest.raises(ValueError, match="not a backend"):
         frame_score(**_bad(), backend="gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernel (run on a GPU only; auto-skipped here)
+# ---------------------------------------------------------------------------------------------
+def _needs_cuda_kernel():
+    if not has_compiled_kernel("frame_score_fwd", "CUDA"):
+        pytest.skip("the CUDA extension has no frame_score kernel")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,F,k,H", [pytest.param(*p.values) for p in GRID[::2]] + [(100, 64, 16, 128)])
+def test_cuda_forward(T, F, k, H, dtype):
+    _needs_cuda_kernel()
+    inp = make_frame_score_inputs(3, T, F, H=H, dtype=dtype, seed=T + F + k, device="cuda")
+    with poisoned_allocations():
+        out = call(inp, k, backend="cuda")
+    check_forward(out, inp, k, scale=1.0 if dtype == torch.float32 else 2.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("T,F,H,k", [(100, 64, None, 8), (1000, 768, None, 16), (63, 1000, 16, 8), (40, 64, 128, 9)])
+def test_cuda_grads_vs_reference(T, F, H, k, ties):
+    _needs_cuda_kernel()
+    if ties:
+        inp = make_frame_score_inputs(3, T, F, H=H, ties=True, seed=2, device="cuda")
+        check_forward(call(inp, k, backend="cuda"), inp, k)
+    else:
+        grads_vs_reference("cuda", T, F, H, torch.float32, k, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("H", [None, 8])
+def test_cuda_torch_compile_fullgraph(H):
+    _needs_cuda_kernel()
+    torch._dynamo.reset()
+    mod = _Pool(32, H, "cuda").cuda()
+    frames = torch.randn(3, 12, 32, device="cuda", requires_grad=True)
+    lengths = torch.tensor([12, 5, 0], device="cuda")
+    eager = mod(frames, lengths)
+    out = torch.compile(mod, fullgraph=True)(frames, lengths)
+    assert_close(out, eager.double())
