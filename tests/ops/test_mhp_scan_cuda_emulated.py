@@ -1,11 +1,12 @@
-"""The CUDA mhp_scan kernels' math, run on the CPU.
+"""The CUDA mhp_scan kernels, run on the CPU.
 
-The kernel cores in csrc/include/mvpp/mhp_scan.cuh are plain sequential code when each row has one
-lane (no warp shuffle is reached), so with host stand-ins for the CUDA headers
-(tests/ops/cuda_emulation/) g++ compiles the very same kernel functions for the host; this test
-runs them thread by thread through ctypes and compares forward and backward with the float64
-reference. What it cannot check: the multi-lane shuffle reductions, fp16/bf16 loads, the launch and
-the torch binding -- those are covered by tests/ops/test_mhp_scan_cuda.py on a GPU.
+g++ compiles the very kernel functions of csrc/include/mvpp/mhp_scan.cuh for the host, with host
+stand-ins for the CUDA headers (tests/ops/cuda_emulation/): each warp's 32 threads run as OS threads
+and a warp shuffle is an exchange between two barriers, so the row groups of lanes, their
+shuffle reductions, the state-per-lane indexing and the chunked backward all run as on the GPU. This
+test drives them through ctypes and compares forward and backward with the float64 reference. What
+it cannot check: fp16/bf16 loads, GPU memory/launch behaviour and the torch binding -- covered by
+tests/ops/test_mhp_scan_cuda.py on a GPU.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ t
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("mhp_emul") / "libmhp_emul.so"
-    cmd = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
+    cmd = ["g++", "-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
            "-I", os.path.join(HERE, "cuda_emulation"), "-I", os.path.join(ROOT, "csrc", "include"),
            os.path.join(HERE, "cuda_emulation", "mhp_scan_emul.cpp"), "-o", str(out)]
     subprocess.run(cmd, check=True, capture_output=True)
@@ -133,12 +134,22 @@ def check(lib, inp, chunk_size, deterministic=True, softplus=True):
         assert_close(grads[k], e, torch.float32, grad=True, name=f"d{k}")
 
 
-@pytest.mark.parametrize("layout", ["variable", "grouped", "constant"])
-@pytest.mark.parametrize("chunk_size", [1, 5, 64, 100])
+@pytest.mark.parametrize("layout, chunk_size", [("variable", 1), ("variable", 100), ("grouped", 5),
+                                                ("grouped", 64), ("constant", 100), ("constant", 7)])
 def test_emulated_kernels_match_reference(lib, layout, chunk_size):
     # chunk 100 > kHist = 64: the backward recomputes the chunk's history in two sub-blocks.
-    inp = make_inputs(3, 4, 5, 150, layout=layout, lengths=[150, 0, 71])
+    # N = 5: 8 lanes per row (3 idle), 16 rows per forward block, 8 per backward block.
+    inp = make_inputs(3, 4, 5, 130, layout=layout, lengths=[130, 0, 71])
     check(lib, inp, chunk_size)
+
+
+@pytest.mark.parametrize("N", [1, 16, 48])
+def test_emulated_state_sizes(lib, N):
+    # 1 lane per row; 16 lanes (two rows per warp); a full warp holding 2 states per lane (kMaxK = 8)
+    # with lanes 16..31 idle for the second. 5 rows leave the last block partly empty. (Each shuffle
+    # is two barriers of 32 OS threads, so the shapes stay small.)
+    inp = make_inputs(1, 5, N, 40, lengths=[33])
+    check(lib, inp, 16)
 
 
 @pytest.mark.parametrize("lengths", [[1, 2, 130], [130, 130, 129]])

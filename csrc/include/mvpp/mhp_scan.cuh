@@ -546,11 +546,6 @@ __global__ void __launch_bounds__(kBwdThreads) mhp_scan_bwd_kernel(MhpScanBwdPar
   }
 }
 
-// ------------------------------------------------------------------------------------------------
-// Launchers (CUDA only: with one lane per row the kernels above are plain sequential code, which
-// tests/ops/test_mhp_scan_cuda_emulated.py compiles for the host to check the math without a GPU)
-// ------------------------------------------------------------------------------------------------
-#if defined(__CUDACC__)
 // Threads per row: N rounded up to a power of two, at most a warp; each then holds K = ceil(N / lanes)
 // states (kMaxK = 1 for N <= 32, else 8, enough for kMaxDState = 256).
 inline int lanes_for(int N) {
@@ -559,6 +554,11 @@ inline int lanes_for(int N) {
   return l;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Launchers (CUDA only: tests/ops/test_mhp_scan_cuda_emulated.py compiles the kernels above for the
+// host, runs each warp's threads as OS threads with an emulated shuffle, and checks them without a GPU)
+// ------------------------------------------------------------------------------------------------
+#if defined(__CUDACC__)
 template <typename T, int kMaxK>
 cudaError_t launch_fwd(const MhpScanParams& p, int lanes, cudaStream_t stream) {
   const int64_t rows_per_block = kFwdThreads / lanes;

@@ -1,8 +1,9 @@
-// The CUDA mhp_scan kernels (csrc/include/mvpp/mhp_scan.cuh) run on the host, one thread after
-// another, with one lane per row: every line of kernel math is the GPU's, only the warp-level
-// reduction (a no-op for one lane) and the launch differ. Driven through ctypes by
-// tests/ops/test_mhp_scan_cuda_emulated.py.
+// The CUDA mhp_scan kernels (csrc/include/mvpp/mhp_scan.cuh) run on the host: every line of kernel
+// code is the GPU's, each warp's 32 threads run as OS threads and a warp shuffle is emulated with
+// barriers (cuda_runtime.h here). Driven through ctypes by tests/ops/test_mhp_scan_cuda_emulated.py.
 #include <cstdint>
+#include <thread>
+#include <vector>
 
 #include "mvpp/mhp_scan.cuh"
 
@@ -40,17 +41,35 @@ int fill(P& p, const int64_t* in, void** ptr) {
   return i;
 }
 
+// The launch: blocks one after another, warps one after another, the 32 threads of a warp at once.
 template <typename P, typename K>
-void run_grid(const P& p, int threads, K kernel) {
+void run_grid(const P& p, int threads, int lanes, K kernel) {
   const int rows = p.batch * p.dim;
-  const int blocks = (rows + threads - 1) / threads;  // one lane per row
+  const int rows_per_block = threads / lanes;
+  const int blocks = (rows + rows_per_block - 1) / rows_per_block;
+  std::barrier<> bar(32);
+  emul_warp.bar = &bar;
   for (int b = 0; b < blocks; ++b) {
-    for (int t = 0; t < threads; ++t) {
-      blockIdx.x = static_cast<unsigned>(b);
-      threadIdx.x = static_cast<unsigned>(t);
-      kernel(p, 1);
+    for (int w = 0; w < threads / 32; ++w) {
+      std::vector<std::thread> warp;
+      for (int l = 0; l < 32; ++l) {
+        warp.emplace_back([&, b, w, l] {
+          blockIdx.x = static_cast<unsigned>(b);
+          threadIdx.x = static_cast<unsigned>(w * 32 + l);
+          kernel(p, lanes);
+        });
+      }
+      for (auto& t : warp) t.join();
     }
   }
+}
+
+// The launcher's choice of lanes per row and states per lane.
+template <typename P, typename K1, typename K8>
+void launch(const P& p, int threads, K1 k1, K8 k8) {
+  const int lanes = detail::lanes_for(p.N);
+  if (p.N <= lanes) run_grid(p, threads, lanes, k1);
+  else run_grid(p, threads, lanes, k8);
 }
 
 }  // namespace
@@ -62,8 +81,7 @@ extern "C" int mhp_emul_fwd(const int64_t* in, void** ptr) {
   p.y_left = static_cast<float*>(ptr[i++]);
   p.integral = static_cast<float*>(ptr[i++]);
   p.last_state = static_cast<float*>(ptr[i++]);
-  if (p.N > 8) return 1;  // one lane holds at most kMaxK = 8 states
-  run_grid(p, detail::kFwdThreads, detail::mhp_scan_fwd_kernel<float, 8>);
+  launch(p, detail::kFwdThreads, detail::mhp_scan_fwd_kernel<float, 1>, detail::mhp_scan_fwd_kernel<float, 8>);
   return 0;
 }
 
@@ -86,7 +104,6 @@ extern "C" int mhp_emul_bwd(const int64_t* in, void** ptr) {
   p.ddt = static_cast<float*>(ptr[i++]);
   p.ddt_end = static_cast<float*>(ptr[i++]);
   p.dh0 = static_cast<float*>(ptr[i++]);
-  if (p.N > 8) return 1;
-  run_grid(p, detail::kBwdThreads, detail::mhp_scan_bwd_kernel<float, 8>);
+  launch(p, detail::kBwdThreads, detail::mhp_scan_bwd_kernel<float, 1>, detail::mhp_scan_bwd_kernel<float, 8>);
   return 0;
 }
