@@ -166,7 +166,7 @@ MVPP_DEVICE MVPP_INLINE float group_sum(float v, int lanes) {
   return v;
 }
 
-// Δ_t of a row (0 outside [0, L)).
+// Δ_t of a row; callers only ask for valid events (padding may hold NaN).
 template <typename T>
 MVPP_DEVICE MVPP_INLINE float step_at(const T* delta_row, int t, float bias, bool softplus_on) {
   const float x = to_f(delta_row[t]) + bias;
