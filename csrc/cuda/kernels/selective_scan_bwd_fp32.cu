@@ -1,0 +1,4 @@
+// One explicit instantiation per file so the kernels compile in parallel (see selective_scan.cuh).
+#include "mvpp/selective_scan.cuh"
+
+template cudaError_t mvpp::cuda::selective_scan_bwd_launch<float>(const mvpp::cuda::SelectiveScanBwdParams&, cudaStream_t);
