@@ -58,7 +58,7 @@ def load_config_file(path: str | None) -> dict:
     return cfg
 
 
-def _configs(args):
+def _configs(args, train_defaults: dict | None = None):
     from mvpp.models import ModelConfig
     from mvpp.train import TrainConfig
 
@@ -67,7 +67,8 @@ def _configs(args):
         mc = ModelConfig.from_dict(file_cfg.get("model", {}))
     except (TypeError, ValueError) as e:
         raise UsageError(f"[model] section: {e}") from e
-    tkw = dict(file_cfg.get("train", {}))
+    tkw = dict(train_defaults or {})
+    tkw.update(file_cfg.get("train", {}))
     try:
         tc = TrainConfig(**tkw)
     except TypeError as e:
@@ -172,9 +173,9 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from mvpp.demo import DEMO_MODELS, format_table, run_demo
+    from mvpp.demo import DEMO_MODELS, DEMO_TRAIN_DEFAULTS, format_table, run_demo
 
-    mc, tc, data_cfg = _configs(args)
+    mc, tc, data_cfg = _configs(args, DEMO_TRAIN_DEFAULTS)
     _check_device(tc.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _train_flags(d, with_seed=False)
     d.set_defaults(func=cmd_demo)
+    d.epilog = "Training defaults of the demo: 15 epochs, early stopping patience 4 (override with flags or --config)."
 
     t = sub.add_parser("train", help="train one model and write a safetensors checkpoint")
     t.add_argument("--model", default="MVPPModel", help="MVPPModel (default), MMRABaseline or NoRetrievalMLP")
