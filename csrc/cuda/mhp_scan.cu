@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
@@ -129,8 +130,22 @@ Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Te
   return p;
 }
 
+// MVPP_MHP_SCAN_LANES: the most threads per row (1, 2, 4, 8, 16 or 32), read once; see max_lanes.
+int max_lanes_setting() {
+  static const int lanes = [] {
+    const char* env = std::getenv("MVPP_MHP_SCAN_LANES");
+    if (env == nullptr || *env == '\0') return 32;
+    const int v = std::atoi(env);
+    TORCH_CHECK(v >= 1 && v <= 32 && (v & (v - 1)) == 0, kOp,
+                "MVPP_MHP_SCAN_LANES must be a power of two in [1, 32], got '", env, "'");
+    return v;
+  }();
+  return lanes;
+}
+
 template <typename P>
 void fill_common(P& k, const Prepared& p, bool delta_softplus, int64_t chunk_size) {
+  k.max_lanes = max_lanes_setting();
   k.batch = static_cast<int>(p.s.batch);
   k.dim = static_cast<int>(p.s.dim);
   k.L = static_cast<int>(p.s.L);

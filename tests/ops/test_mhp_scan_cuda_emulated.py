@@ -58,7 +58,7 @@ def _prep(inp):
                 h0=f(inp["initial_state"]))
 
 
-def run_emulated(lib, inp, cot, chunk_size, deterministic=True, softplus=True):
+def run_emulated(lib, inp, cot, chunk_size, deterministic=True, softplus=True, max_lanes=32):
     """Forward, then backward with cotangents `cot`, through the host-compiled CUDA kernels. Returns
     the forward outputs and the gradients reduced exactly as the autograd glue reduces them."""
     p = _prep(inp)
@@ -67,7 +67,7 @@ def run_emulated(lib, inp, cot, chunk_size, deterministic=True, softplus=True):
     GB = p["B"].shape[1] if p["B"].dim() == 4 else 0
     GC = p["C"].shape[1] if p["C"].dim() == 4 else 0
     n_chunks = (L + chunk_size - 1) // chunk_size
-    ints = (ctypes.c_int64 * 9)(batch, dim, L, N, GB, GC, chunk_size, int(softplus), int(deterministic))
+    ints = (ctypes.c_int64 * 10)(batch, dim, L, N, GB, GC, chunk_size, int(softplus), int(deterministic), max_lanes)
     base = [p[k] for k in ("u", "delta", "z", "B", "C", "A", "D", "delta_bias", "dt", "dt_end", "lengths", "h0")]
     nan = lambda *s: torch.full(s, float("nan"))  # noqa: E731  (unwritten outputs show)
     cs = nan(batch, dim, n_chunks, N)
@@ -117,7 +117,7 @@ def make_inputs(batch, dim, N, L, *, layout="variable", lengths=None, with_h0=Tr
     return inp
 
 
-def check(lib, inp, chunk_size, deterministic=True, softplus=True):
+def check(lib, inp, chunk_size, deterministic=True, softplus=True, max_lanes=32):
     ref_in = to_reference({k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor)
                                 and v.is_floating_point() else v) for k, v in inp.items()})
     ref = tuple(mhp_scan(ref_in["u"], ref_in["delta"], ref_in["A"], ref_in["B"], ref_in["C"], ref_in["dt"],
@@ -125,7 +125,7 @@ def check(lib, inp, chunk_size, deterministic=True, softplus=True):
                          ref_in["lengths"], ref_in["initial_state"], True, backend="reference"))
     gen = torch.Generator().manual_seed(5)
     cot = [torch.randn(e.shape, generator=gen, dtype=torch.float64) for e in ref]
-    out, grads = run_emulated(lib, inp, cot, chunk_size, deterministic, softplus)
+    out, grads = run_emulated(lib, inp, cot, chunk_size, deterministic, softplus, max_lanes)
     for name, a, e in zip(("y", "y_left", "integral", "last_state"), out, ref):
         assert_close(a, e, torch.float32, name=name)
     names = [k for k in GRAD_NAMES if isinstance(inp.get(k), torch.Tensor)]
@@ -150,6 +150,14 @@ def test_emulated_state_sizes(lib, N):
     # is two barriers of 32 OS threads, so the shapes stay small.)
     inp = make_inputs(1, 5, N, 40, lengths=[33])
     check(lib, inp, 16)
+
+
+@pytest.mark.parametrize("N, max_lanes", [(16, 4), (48, 2), (5, 1)])
+def test_emulated_fewer_lanes_per_row(lib, N, max_lanes):
+    # MVPP_MHP_SCAN_LANES caps the lanes: 4 lanes x 4 states; 2 asked, raised to 8 lanes x 6 states
+    # (at most 8 per lane); 1 lane x 5 states.
+    inp = make_inputs(2, 3, N, 40, lengths=[40, 21])
+    check(lib, inp, 16, max_lanes=max_lanes)
 
 
 @pytest.mark.parametrize("lengths", [[1, 2, 130], [130, 130, 129]])

@@ -50,6 +50,10 @@ struct MhpScanParams {
   int batch = 0, dim = 0, L = 0, N = 0;
   int B_groups = 0, C_groups = 0;  // variable B/C: (batch, G, N, L); 0 = constant (dim, N) float
   int chunk_size = 64, n_chunks = 0;
+  // Upper bound on threads per row (a power of two <= 32). Fewer lanes hold more states each (at most
+  // 8, so it is raised to ceil(N / 8) if needed) and repeat less per-event scalar work; more lanes give
+  // more parallelism. A tuning knob (MVPP_MHP_SCAN_LANES in the binding), 32 by default.
+  int max_lanes = 32;
   bool softplus = false;
 
   const void* u = nullptr;      // (batch, dim, L) T
@@ -546,12 +550,16 @@ __global__ void __launch_bounds__(kBwdThreads) mhp_scan_bwd_kernel(MhpScanBwdPar
   }
 }
 
-// Threads per row: N rounded up to a power of two, at most a warp; each then holds K = ceil(N / lanes)
-// states (kMaxK = 1 for N <= 32, else 8, enough for kMaxDState = 256).
-inline int lanes_for(int N) {
+// Threads per row: N rounded up to a power of two, capped at max_lanes (at most a warp) but at least
+// enough that each lane holds K = ceil(N / lanes) <= 8 states (kMaxK = 1 when K = 1, else 8; N <= 256).
+inline int lanes_for(int N, int max_lanes) {
+  int cap = 1;
+  while (cap < max_lanes && cap < 32) cap <<= 1;
+  int need = 1;
+  while (need * 8 < N) need <<= 1;
   int l = 1;
-  while (l < N && l < 32) l <<= 1;
-  return l;
+  while (l < N && l < cap) l <<= 1;
+  return l < need ? need : l;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -583,7 +591,7 @@ template <typename T>
 cudaError_t mhp_scan_fwd_launch(const MhpScanParams& p, cudaStream_t stream) {
   if (p.batch <= 0 || p.dim <= 0 || p.L <= 0) return cudaSuccess;
   if (p.N < 1 || p.N > kMaxDState || p.chunk_size < 1) return cudaErrorInvalidValue;
-  const int lanes = detail::lanes_for(p.N);
+  const int lanes = detail::lanes_for(p.N, p.max_lanes);
   if (p.N <= lanes) return detail::launch_fwd<T, 1>(p, lanes, stream);
   return detail::launch_fwd<T, 8>(p, lanes, stream);
 }
@@ -592,7 +600,7 @@ template <typename T>
 cudaError_t mhp_scan_bwd_launch(const MhpScanBwdParams& p, cudaStream_t stream) {
   if (p.batch <= 0 || p.dim <= 0 || p.L <= 0) return cudaSuccess;
   if (p.N < 1 || p.N > kMaxDState || p.chunk_size < 1) return cudaErrorInvalidValue;
-  const int lanes = detail::lanes_for(p.N);
+  const int lanes = detail::lanes_for(p.N, p.max_lanes);
   if (p.N <= lanes) return detail::launch_bwd<T, 1>(p, lanes, stream);
   return detail::launch_bwd<T, 8>(p, lanes, stream);
 }

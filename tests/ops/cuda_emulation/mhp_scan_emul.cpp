@@ -24,6 +24,7 @@ int fill(P& p, const int64_t* in, void** ptr) {
   p.chunk_size = static_cast<int>(in[6]);
   p.n_chunks = (p.L + p.chunk_size - 1) / p.chunk_size;
   p.softplus = in[7] != 0;
+  p.max_lanes = static_cast<int>(in[9]);
   int i = 0;
   p.u = ptr[i++];
   p.delta = ptr[i++];
@@ -67,7 +68,7 @@ void run_grid(const P& p, int threads, int lanes, K kernel) {
 // The launcher's choice of lanes per row and states per lane.
 template <typename P, typename K1, typename K8>
 void launch(const P& p, int threads, K1 k1, K8 k8) {
-  const int lanes = detail::lanes_for(p.N);
+  const int lanes = detail::lanes_for(p.N, p.max_lanes);
   if (p.N <= lanes) run_grid(p, threads, lanes, k1);
   else run_grid(p, threads, lanes, k8);
 }
