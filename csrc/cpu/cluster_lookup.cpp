@@ -49,13 +49,6 @@ inline void gemm_qkT(const double* Q, const double* K, double* S, int64_t nq, in
   dgemm_(&t, &n, &m_, &n_, &k_, &one, K, &ld, Q, &ld, &zero, S, &ldc);
 }
 
-template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t d) {
-  acc_t s = 0;
-  for (int64_t j = 0; j < d; ++j) s += a[j] * b[j];
-  return s;
-}
-
 // Runs fn(item) for item in [0, n) on torch's intra-op threads with dynamic scheduling: work items
 // (clusters) have very different sizes, and a static split would leave a thread idle.
 template <typename F>
@@ -244,62 +237,74 @@ std::tuple<at::Tensor, at::Tensor> cluster_lookup_cpu(const at::Tensor& queries_
     const std::vector<acc_t> Ff = to_acc<scalar_t, acc_t>(fine_.to(mkeys.scalar_type()).contiguous());
     const int64_t* coff = coarse_off.data_ptr<int64_t>();
     const int64_t* foff = fine_off.data_ptr<int64_t>();
-    // Routing: (q, P2) fine clusters per query, -1 where a query has fewer candidates.
-    std::vector<int64_t> probes(q * P2, -1);
-    at::parallel_for(0, q, 8, [&](int64_t b, int64_t e) {
-      std::vector<acc_t> cs(c1), fs, sb;
-      std::vector<int64_t> top_c(P1), child, ib;
-      for (int64_t i = b; i < e; ++i) {
-        const acc_t* qv = &Qf[i * d];
-        for (int64_t c = 0; c < c1; ++c) cs[c] = dot(qv, &Cf[c * d], d);
-        const int64_t nc = select_top(cs.data(), nullptr, c1, P1, top_c.data(), sb, ib);
-        child.clear();
-        for (int64_t j = 0; j < nc; ++j)
-          for (int64_t f = coff[top_c[j]]; f < coff[top_c[j] + 1]; ++f) child.push_back(f);
-        fs.resize(child.size());
-        for (size_t j = 0; j < child.size(); ++j) fs[j] = dot(qv, &Ff[child[j] * d], d);
-        select_top(fs.data(), child.data(), (int64_t)child.size(), P2, &probes[i * P2], sb, ib);
-      }
-    });
-    // Invert: per fine cluster, the (query, slot) pairs that probe it, in query order.
-    std::vector<int64_t> cnt(cf + 1, 0);
-    for (int64_t j = 0; j < q * P2; ++j)
-      if (probes[j] >= 0) ++cnt[probes[j] + 1];
-    for (int64_t f = 0; f < cf; ++f) cnt[f + 1] += cnt[f];
-    std::vector<int64_t> fill(cnt.begin(), cnt.end() - 1), qlist(cnt[cf]), qslot(cnt[cf]);
-    for (int64_t j = 0; j < q * P2; ++j)
-      if (probes[j] >= 0) {
-        const int64_t f = probes[j], pos = fill[f]++;
-        qlist[pos] = j / P2;
-        qslot[pos] = j;
-      }
-    std::vector<acc_t> cand_s(q * P2 * k);
-    std::vector<int64_t> cand_i(q * P2 * k);
-    for (int64_t j = 0; j < q * P2; ++j)
-      if (probes[j] < 0) topk_init(&cand_s[j * k], &cand_i[j * k], (int)k);
-    // Work items: the probed fine clusters, largest (members x queries) first for load balance.
-    std::vector<int64_t> work;
-    for (int64_t f = 0; f < cf; ++f)
-      if (cnt[f + 1] > cnt[f]) work.push_back(f);
-    std::stable_sort(work.begin(), work.end(), [&](int64_t a, int64_t b) {
-      return (foff[a + 1] - foff[a]) * (cnt[a + 1] - cnt[a]) > (foff[b + 1] - foff[b]) * (cnt[b + 1] - cnt[b]);
-    });
-    const int64_t* ex = exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr;
+    const int64_t* ex_all = exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr;
     const scalar_t* kp = mkeys.data_ptr<scalar_t>();
     const int64_t* ip = mids.data_ptr<int64_t>();
-    parallel_dynamic((int64_t)work.size(), [&](int64_t w) {
-      thread_local std::vector<acc_t> qbuf, kbuf, sbuf, ts;
-      thread_local std::vector<int64_t> ti;
-      const int64_t f = work[w];
-      const int64_t nq = cnt[f + 1] - cnt[f];
-      if (foff[f + 1] <= foff[f]) {  // an empty cluster: its slots stay empty
-        for (int64_t j = cnt[f]; j < cnt[f + 1]; ++j) topk_init(&cand_s[qslot[j] * k], &cand_i[qslot[j] * k], (int)k);
-        return;
-      }
-      scan_range<scalar_t, acc_t>(Qf.data(), d, qlist.data() + cnt[f], qslot.data() + cnt[f], nq, kp, ip, foff[f],
-                                  foff[f + 1], ex, k, cand_s.data(), cand_i.data(), qbuf, kbuf, sbuf, ts, ti);
-    });
-    merge_candidates(cand_s.data(), cand_i.data(), q, P2, k, out_s.data_ptr<acc_t>(), out_i.data_ptr<int64_t>());
+    // Queries in batches, so the (batch, P2, k) candidate lists stay bounded (~48 MB) for any q.
+    const int64_t qb = std::max<int64_t>(256, (int64_t(1) << 22) / std::max<int64_t>(1, P2 * k));
+    const int64_t qb_route = std::max<int64_t>(64, (int64_t(1) << 23) / std::max<int64_t>(1, cf));  // fine scores
+    for (int64_t qa = 0; qa < q; qa += std::min(qb, qb_route)) {
+      const int64_t qn = std::min(std::min(qb, qb_route), q - qa);
+      const acc_t* Qb = Qf.data() + qa * d;
+      const int64_t* ex = ex_all ? ex_all + qa : nullptr;
+      // Routing: (qn, P2) fine clusters per query, -1 where a query has fewer candidates. The centroid
+      // scores of the whole batch come from two GEMMs (a per-query dot loop would not vectorise: float
+      // reductions are not reassociated without -ffast-math).
+      std::vector<acc_t> cs_all(qn * c1), fs_all(qn * cf);
+      gemm_qkT(Qb, Cf.data(), cs_all.data(), qn, c1, d);
+      gemm_qkT(Qb, Ff.data(), fs_all.data(), qn, cf, d);
+      std::vector<int64_t> probes(qn * P2, -1);
+      at::parallel_for(0, qn, 8, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> fs, sb;
+        std::vector<int64_t> top_c(P1), child, ib;
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t nc = select_top(&cs_all[i * c1], nullptr, c1, P1, top_c.data(), sb, ib);
+          child.clear();
+          for (int64_t j = 0; j < nc; ++j)
+            for (int64_t f = coff[top_c[j]]; f < coff[top_c[j] + 1]; ++f) child.push_back(f);
+          fs.resize(child.size());
+          for (size_t j = 0; j < child.size(); ++j) fs[j] = fs_all[i * cf + child[j]];
+          select_top(fs.data(), child.data(), (int64_t)child.size(), P2, &probes[i * P2], sb, ib);
+        }
+      });
+      // Invert: per fine cluster, the (query, slot) pairs that probe it, in query order.
+      std::vector<int64_t> cnt(cf + 1, 0);
+      for (int64_t j = 0; j < qn * P2; ++j)
+        if (probes[j] >= 0) ++cnt[probes[j] + 1];
+      for (int64_t f = 0; f < cf; ++f) cnt[f + 1] += cnt[f];
+      std::vector<int64_t> fill(cnt.begin(), cnt.end() - 1), qlist(cnt[cf]), qslot(cnt[cf]);
+      for (int64_t j = 0; j < qn * P2; ++j)
+        if (probes[j] >= 0) {
+          const int64_t f = probes[j], pos = fill[f]++;
+          qlist[pos] = j / P2;
+          qslot[pos] = j;
+        }
+      std::vector<acc_t> cand_s(qn * P2 * k);
+      std::vector<int64_t> cand_i(qn * P2 * k);
+      for (int64_t j = 0; j < qn * P2; ++j)
+        if (probes[j] < 0) topk_init(&cand_s[j * k], &cand_i[j * k], (int)k);
+      // Work items: the probed fine clusters, largest (members x queries) first for load balance.
+      std::vector<int64_t> work;
+      for (int64_t f = 0; f < cf; ++f)
+        if (cnt[f + 1] > cnt[f]) work.push_back(f);
+      std::stable_sort(work.begin(), work.end(), [&](int64_t x, int64_t y) {
+        return (foff[x + 1] - foff[x]) * (cnt[x + 1] - cnt[x]) > (foff[y + 1] - foff[y]) * (cnt[y + 1] - cnt[y]);
+      });
+      parallel_dynamic((int64_t)work.size(), [&](int64_t w) {
+        thread_local std::vector<acc_t> qbuf, kbuf, sbuf, ts;
+        thread_local std::vector<int64_t> ti;
+        const int64_t f = work[w];
+        const int64_t nq = cnt[f + 1] - cnt[f];
+        if (foff[f + 1] <= foff[f]) {  // an empty cluster: its slots stay empty
+          for (int64_t j = cnt[f]; j < cnt[f + 1]; ++j) topk_init(&cand_s[qslot[j] * k], &cand_i[qslot[j] * k], (int)k);
+          return;
+        }
+        scan_range<scalar_t, acc_t>(Qb, d, qlist.data() + cnt[f], qslot.data() + cnt[f], nq, kp, ip, foff[f],
+                                    foff[f + 1], ex, k, cand_s.data(), cand_i.data(), qbuf, kbuf, sbuf, ts, ti);
+      });
+      merge_candidates(cand_s.data(), cand_i.data(), qn, P2, k, out_s.data_ptr<acc_t>() + qa * k,
+                       out_i.data_ptr<int64_t>() + qa * k);
+    }
   });
   return {out_s, out_i};
 }

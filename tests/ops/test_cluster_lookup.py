@@ -183,7 +183,7 @@ def test_exact_search_never_builds_full_score_matrix(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # cluster_lookup
 # ---------------------------------------------------------------------------------------------
-TREE_GRID = [(1, 1, 1, 1, 1), (63, 8, 3, 5, 40), (2049, 16, 4, 12, 70), (3000, 64, 6, 20, 33)]
+TREE_GRID = [(1, 1, 1, 1, 1), (63, 8, 3, 5, 40), (2049, 16, 4, 12, 33), (3000, 40, 6, 20, 9)]
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -349,8 +349,8 @@ def test_opcheck_gpu():
 
 def test_torch_compile_reference_and_cpu():
     keys, queries = make_memory_bank_data(300, 8, 4, "integer", seed=18)
-    backends = ["reference"] + (["cpu"] if HAS_CPP else [])
-    for backend in backends:
+    # one compile (they are slow): the compiled op when built, else the reference
+    for backend in ["cpu"] if HAS_CPP else ["reference"]:
         fn = torch.compile(lambda kk, qq: exact_search(kk, qq, 5, backend=backend, check_inputs=False), fullgraph=False)
         assert_identical(fn(keys, queries), oracle_exact(keys, queries, 5), f"compiled {backend}")
 
