@@ -8,7 +8,6 @@ in test_frame_score_triton.py (the interpreter is slow).
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch

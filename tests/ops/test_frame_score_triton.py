@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mvpp_kernels import frame_score
 from mvpp_kernels._backend import triton_status
 from mvpp_kernels.testing import make_frame_score_inputs, poisoned_allocations
 

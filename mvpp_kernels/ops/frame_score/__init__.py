@@ -12,7 +12,7 @@ import torch
 
 from ... import _library  # noqa: F401  (defines the mvpp::frame_score_* schemas)
 from ..._backend import BackendUnavailableError, register_op_info, requested_backend, resolve_backend
-from ..._checks import FLOAT_DTYPES, check_finite, check_lengths, check_same_device, check_tensor, dtype_name
+from ..._checks import FLOAT_DTYPES, check_finite, check_lengths, check_same_device, check_tensor
 from .reference import compute_dtype, frame_score_ref
 
 __all__ = ["frame_score", "frame_score_ref", "MAX_HIDDEN", "MAX_K"]
