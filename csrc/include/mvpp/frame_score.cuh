@@ -24,6 +24,12 @@
 
 #include "mvpp/common.h"
 
+// The dynamic shared-memory array of a kernel. The host emulation of the kernels
+// (tests/ops/frame_score_emulation/) substitutes its own per-block buffer.
+#ifndef MVPP_FS_DYNAMIC_SMEM
+#define MVPP_FS_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#endif
+
 namespace mvpp {
 namespace frame_score {
 
@@ -173,7 +179,7 @@ MVPP_DEVICE MVPP_INLINE float warp_score(const T* __restrict__ x, const float* _
 
 template <typename T, bool kMlp>
 __global__ void fwd_split_kernel(const FwdParams p) {
-  extern __shared__ float smem[];
+  MVPP_FS_DYNAMIC_SMEM(smem);
   const int nw = p.n_warps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int F = int(p.F), H = int(p.H), K = int(p.k);
@@ -236,7 +242,7 @@ __global__ void fwd_split_kernel(const FwdParams p) {
 
 template <typename T>
 __global__ void fwd_merge_kernel(const FwdParams p) {
-  extern __shared__ float smem[];  // P floats of per-partial scales, then P head pointers
+  MVPP_FS_DYNAMIC_SMEM(smem);  // P floats of per-partial scales, then P head pointers
   const int64_t b = blockIdx.x;
   const int64_t P = int64_t(p.n_split) * p.n_warps;
   const int K = int(p.k);
@@ -301,7 +307,7 @@ __global__ void fwd_merge_kernel(const FwdParams p) {
 
 template <typename T, bool kMlp>
 __global__ void bwd_rows_kernel(const BwdRowsParams p) {
-  extern __shared__ float dd[];  // ddense as float
+  MVPP_FS_DYNAMIC_SMEM(dd);  // ddense as float
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nw = p.n_warps;
   const int F = int(p.F), H = int(p.H);
@@ -378,6 +384,7 @@ __global__ void bwd_frames_kernel(const BwdFramesParams p) {
 
 }  // namespace detail
 
+#ifndef MVPP_FS_HOST_EMULATION
 template <typename T>
 cudaError_t frame_score_fwd_launch(const FwdParams& p, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
@@ -441,6 +448,7 @@ cudaError_t frame_score_bwd_frames_launch(const BwdFramesParams& p, cudaStream_t
 MVPP_FRAME_SCORE_LAUNCHERS(extern, float)
 MVPP_FRAME_SCORE_LAUNCHERS(extern, __half)
 MVPP_FRAME_SCORE_LAUNCHERS(extern, __nv_bfloat16)
+#endif  // MVPP_FS_HOST_EMULATION
 
 }  // namespace frame_score
 }  // namespace mvpp
