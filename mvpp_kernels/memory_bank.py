@@ -354,8 +354,8 @@ class HierarchicalIndex:
         check_finite("values", values)
         if values.device != keys.device:
             raise ValueError(f"values is on {values.device} but keys is on {keys.device}")
-        if knn < 1:
-            raise ValueError(f"knn must be >= 1, got {knn}")
+        if not isinstance(knn, int) or knn < 0:
+            raise ValueError(f"knn must be an int >= 0 (0: no topology refinement), got {knn!r}")
         dev = keys.device
         spherical = metric == "cosine"
         if spherical:
@@ -386,11 +386,12 @@ class HierarchicalIndex:
         parent = torch.cat(fine_parent)
         # 2. topology refinement
         info["refine_moved"] = []
-        if refine and n > 1:
+        if refine and knn > 0 and n > 1:
             kk = min(knn, n - 1)
             for r in range(refine_rounds):
                 idx = cls._from_assignment(keys, values, F, parent, C1, assign, metric)
-                probe = knn_nprobe or (min(c1, 3), min(idx.n_fine, 3 * max(1, idx.n_fine // c1)))
+                # a cheap approximate graph: the item's own neighbourhood of clusters
+                probe = knn_nprobe or (min(c1, 2), min(idx.n_fine, 8))
                 _, nbr = idx.search(keys, kk, nprobe=probe, exclude=torch.arange(n, device=dev),
                                     backend=backend, check_inputs=False)
                 moved = cls._refine_step(x, assign, nbr, F, refine_slack, refine_majority)
