@@ -6,6 +6,7 @@ dimensions, see mvpp_kernels.testing.make_memory_bank_data).
 
     pytest benchmarks/test_bench_cluster_lookup.py --benchmark-only \
         --benchmark-json=benchmarks/results/cluster_lookup.json            # reduced: 200k x 256, 2k queries
+    MVPP_BENCH_N=100000 MVPP_BENCH_Q=1000 MVPP_BENCH_ROWS=rows.jsonl pytest ...  # smaller; rows as measured
     MVPP_BENCH_FULL=1 pytest benchmarks/test_bench_cluster_lookup.py --benchmark-only \
         --benchmark-json=benchmarks/results/cluster_lookup_full.json       # the issue's 1M x 256, 10k queries
     python benchmarks/plot_recall_speed.py benchmarks/results/cluster_lookup.json   # -> recall_speed.png
@@ -17,6 +18,7 @@ it holds; faiss: vectors + ids + centroids, its storage layout). Timed: one sear
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -32,20 +34,22 @@ from .conftest import run_pedantic
 SMOKE = os.environ.get("MVPP_BENCH_SMOKE", "0") == "1"
 FULL = os.environ.get("MVPP_BENCH_FULL", "0") == "1"
 if SMOKE:
-    N, D, Q, BRANCHING = 3000, 32, 50, (4, 8)
-    OUR_PROBES = [(1, 2), (4, 32)]
-    IVF_PROBES = [2, 32]
+    N, D, Q = 3000, 32, 50
 elif FULL:
-    N, D, Q, BRANCHING = 1_000_000, 256, 10_000, (64, 64)
-    OUR_PROBES = [(4, 8), (6, 16), (8, 32), (12, 64), (16, 128), (24, 256), (32, 512)]
-    IVF_PROBES = [4, 8, 16, 32, 64, 128, 256]
-else:
-    N, D, Q, BRANCHING = 200_000, 256, 2_000, (32, 64)
-    OUR_PROBES = [(4, 8), (6, 16), (8, 32), (12, 64), (16, 128), (24, 256)]
-    IVF_PROBES = [4, 8, 16, 32, 64, 128, 256]
+    N, D, Q = 1_000_000, 256, 10_000
+else:  # reduced default; MVPP_BENCH_N / MVPP_BENCH_Q override (e.g. on a crowded machine)
+    N, D, Q = int(os.environ.get("MVPP_BENCH_N", 200_000)), 256, int(os.environ.get("MVPP_BENCH_Q", 2_000))
+NLIST = max(4, int(4 * math.sqrt(N)))
+# ours: about as many fine clusters as faiss has lists, under 32 (64 from 300k keys) coarse ones
+C1 = 4 if SMOKE else (32 if N <= 300_000 else 64)
+BRANCHING = (C1, max(2, round(NLIST / C1)))
+_P2 = [2, 32] if SMOKE else [8, 16, 32, 64, 128, 256]
+OUR_PROBES = [(min(C1, max(4, p2 // 4)), p2) for p2 in _P2]
+IVF_PROBES = [2, 32] if SMOKE else [4, 8, 16, 32, 64, 128, 256]
+ROUNDS = 2
+ROWS = os.environ.get("MVPP_BENCH_ROWS")  # optional: append every row as a JSON line as it is measured
 K = 10
 KINDS = ["clustered", "hard"]
-NLIST = max(4, int(4 * math.sqrt(N)))
 
 try:
     import faiss
@@ -113,12 +117,15 @@ def record(benchmark, kind, provider, nprobe, ids, build_s, mem_bytes):
         build_s=round(build_s, 3), memory_bytes=int(mem_bytes), nlist=NLIST if provider.startswith("faiss_ivf") else None,
         reduced=not FULL and not SMOKE,
     )
+    if ROWS:
+        with open(ROWS, "a") as f:
+            f.write(json.dumps(dict(benchmark.extra_info, median_s=median)) + "\n")
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_exact_ours(benchmark, kind):
     keys, queries, _ = data(kind)
-    out = run_pedantic(benchmark, lambda: exact_search(keys, queries, K), "cpu", rounds=3)
+    out = run_pedantic(benchmark, lambda: exact_search(keys, queries, K), "cpu", rounds=ROUNDS)
     record(benchmark, kind, "ours_exact", "-", out[1], 0.0, keys.numel() * keys.element_size())
 
 
@@ -132,7 +139,7 @@ def test_exact_torch_matmul_topk(benchmark, kind):
             ids.append(torch.topk(queries[a:a + 256] @ keys.T, K, dim=1).indices)
         return torch.cat(ids)
 
-    ids = run_pedantic(benchmark, run, "cpu", rounds=3)
+    ids = run_pedantic(benchmark, run, "cpu", rounds=ROUNDS)
     record(benchmark, kind, "torch_matmul_topk", "-", ids, 0.0, keys.numel() * keys.element_size())
 
 
@@ -142,7 +149,7 @@ def test_exact_faiss_flat(benchmark, kind):
     _, queries, _ = data(kind)
     flat, build_s = faiss_flat(kind)
     q = queries.numpy()
-    _, ids = run_pedantic(benchmark, lambda: flat.search(q, K), "cpu", rounds=3)
+    _, ids = run_pedantic(benchmark, lambda: flat.search(q, K), "cpu", rounds=ROUNDS)
     record(benchmark, kind, "faiss_flat_ip", "-", ids, build_s, N * D * 4)
 
 
@@ -152,7 +159,7 @@ def test_hierarchical_ours(benchmark, kind, nprobe):
     _, queries, _ = data(kind)
     idx, build_s = ours(kind)
     p = (min(nprobe[0], idx.n_coarse), min(nprobe[1], idx.n_fine))
-    out = run_pedantic(benchmark, lambda: idx.search(queries, K, nprobe=p), "cpu", rounds=3)
+    out = run_pedantic(benchmark, lambda: idx.search(queries, K, nprobe=p), "cpu", rounds=ROUNDS)
     record(benchmark, kind, "ours_hier", p, out[1], build_s, idx.nbytes())
 
 
@@ -163,7 +170,7 @@ def test_hierarchical_ours_no_refinement(benchmark, nprobe):
     _, queries, _ = data(kind)
     idx, build_s = ours(kind, refine=False)
     p = (min(nprobe[0], idx.n_coarse), min(nprobe[1], idx.n_fine))
-    out = run_pedantic(benchmark, lambda: idx.search(queries, K, nprobe=p), "cpu", rounds=3)
+    out = run_pedantic(benchmark, lambda: idx.search(queries, K, nprobe=p), "cpu", rounds=ROUNDS)
     record(benchmark, kind, "ours_hier_norefine", p, out[1], build_s, idx.nbytes())
 
 
@@ -175,5 +182,5 @@ def test_ivf_faiss(benchmark, kind, nprobe):
     ivf, build_s = faiss_ivf(kind)
     ivf.nprobe = nprobe
     q = queries.numpy()
-    _, ids = run_pedantic(benchmark, lambda: ivf.search(q, K), "cpu", rounds=3)
+    _, ids = run_pedantic(benchmark, lambda: ivf.search(q, K), "cpu", rounds=ROUNDS)
     record(benchmark, kind, "faiss_ivf_flat", nprobe, ids, build_s, N * D * 4 + N * 8 + NLIST * D * 4)
