@@ -106,13 +106,23 @@ def resolve_backend(
 
     `op` is the name the compiled extension registers its kernel under (e.g. "selective_scan_fwd");
     `implemented` lists the backends this op has at all.
+
+    Traceable by torch.compile(fullgraph=True): the answer depends only on the device, the request
+    and what is built -- none of which changes inside a compiled region -- so dynamo evaluates it
+    once at trace time (the dispatcher-registry query inside is not traceable) and bakes it in.
     """
+    return _resolve_backend_constant(op, str(torch.device(device)), backend, tuple(implemented))
+
+
+@torch._dynamo.assume_constant_result
+def _resolve_backend_constant(op: str, device: str, backend: Optional[str], implemented: tuple[str, ...]) -> str:
+    dev = torch.device(device)
     name = requested_backend(backend)
     if name == "auto":
-        return auto_backend(op, device, implemented)
+        return auto_backend(op, dev, implemented)
     if name not in implemented:
         raise BackendUnavailableError(f"{op} has no {name} backend; it has {', '.join(implemented)}")
-    why = _available(name, op, device)
+    why = _available(name, op, dev)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run {op}: {why}")
     return name
