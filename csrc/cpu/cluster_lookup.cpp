@@ -128,15 +128,21 @@ void merge_candidates(const acc_t* cand_s, const int64_t* cand_i, int64_t q, int
   });
 }
 
+// A contiguous tensor's data in the accumulation type: the tensor's own memory when it already is
+// (float32/float64: no copy, no parallel region), else a converted copy held in `buf`.
 template <typename scalar_t, typename acc_t>
-std::vector<acc_t> to_acc(const at::Tensor& t) {
-  const int64_t n = t.numel();
-  std::vector<acc_t> out(n);
+const acc_t* as_acc(const at::Tensor& t, std::vector<acc_t>& buf) {
   const scalar_t* p = t.data_ptr<scalar_t>();
-  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) out[i] = static_cast<acc_t>(p[i]);
-  });
-  return out;
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return p;
+  } else {
+    const int64_t n = t.numel();
+    buf.resize(n);
+    at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) buf[i] = static_cast<acc_t>(p[i]);
+    });
+    return buf.data();
+  }
 }
 
 void check_common(const at::Tensor& keys, const at::Tensor& queries, int64_t k) {
@@ -161,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor> exact_search_cpu(const at::Tensor& keys_, con
   if (q == 0) return {out_s, out_i};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "exact_search_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    const std::vector<acc_t> Qf = to_acc<scalar_t, acc_t>(queries);
+    std::vector<acc_t> qconv;
+    const acc_t* Qf = as_acc<scalar_t, acc_t>(queries, qconv);
     // Split the keys too when there are few query chunks, so every thread has work.
     const int64_t nchunks = (q + kQChunk - 1) / kQChunk;
     const int64_t nblocks = (n + kKBlock - 1) / kKBlock;
@@ -186,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> exact_search_cpu(const at::Tensor& keys_, con
         for (int64_t i = q0; i < q0 + nq; ++i) topk_init(&cand_s[(i * splits + s) * k], &cand_i[(i * splits + s) * k], (int)k);
         return;
       }
-      scan_range<scalar_t, acc_t>(Qf.data(), d, qlist.data() + q0, qslot_all.data() + s * q + q0, nq, kp, nullptr, k0,
+      scan_range<scalar_t, acc_t>(Qf, d, qlist.data() + q0, qslot_all.data() + s * q + q0, nq, kp, nullptr, k0,
                                   k1, ex, k, cand_s.data(), cand_i.data(), qbuf, kbuf, sbuf, ts, ti);
     });
     merge_candidates(cand_s.data(), cand_i.data(), q, splits, k, out_s.data_ptr<acc_t>(), out_i.data_ptr<int64_t>());
@@ -232,9 +239,12 @@ std::tuple<at::Tensor, at::Tensor> cluster_lookup_cpu(const at::Tensor& queries_
   const int64_t P1 = std::min(p1, c1), P2 = std::min(p2, cf);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mkeys.scalar_type(), "cluster_lookup_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    const std::vector<acc_t> Qf = to_acc<scalar_t, acc_t>(queries);
-    const std::vector<acc_t> Cf = to_acc<scalar_t, acc_t>(coarse_.to(mkeys.scalar_type()).contiguous());
-    const std::vector<acc_t> Ff = to_acc<scalar_t, acc_t>(fine_.to(mkeys.scalar_type()).contiguous());
+    const at::Tensor coarse = coarse_.to(mkeys.scalar_type()).contiguous();
+    const at::Tensor fine = fine_.to(mkeys.scalar_type()).contiguous();
+    std::vector<acc_t> qconv, cconv, fconv;
+    const acc_t* Qf = as_acc<scalar_t, acc_t>(queries, qconv);
+    const acc_t* Cf = as_acc<scalar_t, acc_t>(coarse, cconv);
+    const acc_t* Ff = as_acc<scalar_t, acc_t>(fine, fconv);
     const int64_t* coff = coarse_off.data_ptr<int64_t>();
     const int64_t* foff = fine_off.data_ptr<int64_t>();
     const int64_t* ex_all = exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr;
@@ -245,14 +255,14 @@ std::tuple<at::Tensor, at::Tensor> cluster_lookup_cpu(const at::Tensor& queries_
     const int64_t qb_route = std::max<int64_t>(64, (int64_t(1) << 23) / std::max<int64_t>(1, cf));  // fine scores
     for (int64_t qa = 0; qa < q; qa += std::min(qb, qb_route)) {
       const int64_t qn = std::min(std::min(qb, qb_route), q - qa);
-      const acc_t* Qb = Qf.data() + qa * d;
+      const acc_t* Qb = Qf + qa * d;
       const int64_t* ex = ex_all ? ex_all + qa : nullptr;
       // Routing: (qn, P2) fine clusters per query, -1 where a query has fewer candidates. The centroid
       // scores of the whole batch come from two GEMMs (a per-query dot loop would not vectorise: float
       // reductions are not reassociated without -ffast-math).
       std::vector<acc_t> cs_all(qn * c1), fs_all(qn * cf);
-      gemm_qkT(Qb, Cf.data(), cs_all.data(), qn, c1, d);
-      gemm_qkT(Qb, Ff.data(), fs_all.data(), qn, cf, d);
+      gemm_qkT(Qb, Cf, cs_all.data(), qn, c1, d);
+      gemm_qkT(Qb, Ff, fs_all.data(), qn, cf, d);
       std::vector<int64_t> probes(qn * P2, -1);
       at::parallel_for(0, qn, 8, [&](int64_t b, int64_t e) {
         std::vector<acc_t> fs, sb;
