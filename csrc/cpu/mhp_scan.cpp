@@ -1,0 +1,261 @@
+// CPU mhp_scan: torch bindings for the torch-free core in mvpp/mhp_scan_cpu.h. at::parallel_for over
+// (batch, channel) in the forward; over (batch, channel block) in the backward so the channels that
+// share a variable B/C group accumulate its gradient in one task's buffer, in a fixed order (no
+// atomics: deterministic for a given thread count).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <numeric>
+#include <vector>
+
+#include "mvpp/mhp_scan_cpu.h"
+
+namespace {
+
+using at::Tensor;
+using mvpp::mhp_cpu::MhpArgs;
+using mvpp::mhp_cpu::ChunkScratch;
+
+at::ScalarType compute_type(const Tensor& u) { return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+Tensor cvt(const Tensor& x, at::ScalarType ct) { return x.to(ct).contiguous(); }
+
+Tensor cvt_opt(const c10::optional<Tensor>& x, at::ScalarType ct) {
+  return (x.has_value() && x->defined()) ? cvt(*x, ct) : Tensor();
+}
+
+template <typename T>
+T* ptr_or_null(const Tensor& x) {
+  return x.defined() ? x.data_ptr<T>() : nullptr;
+}
+
+// (dim, N) -> (dim, NP) and (batch, G, N, L) -> (batch, G, L, NP), zero-padded: one step's states
+// contiguous, and padded states inert (A = B = C = 0).
+Tensor pad_states(const Tensor& X, int64_t NP, at::ScalarType ct) {
+  if (X.dim() == 2) {
+    Tensor out = at::zeros({X.size(0), NP}, X.options().dtype(ct));
+    out.narrow(1, 0, X.size(1)).copy_(X);
+    return out;
+  }
+  Tensor out = at::zeros({X.size(0), X.size(1), X.size(3), NP}, X.options().dtype(ct));
+  out.narrow(3, 0, X.size(2)).copy_(X.transpose(2, 3));
+  return out;
+}
+
+void check_inputs(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                  const Tensor& dt, int64_t chunk_size) {
+  TORCH_CHECK(u.dim() == 3, "mhp_scan_fwd: u must be (batch, dim, L)");
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+  TORCH_CHECK(delta.sizes() == u.sizes(), "mhp_scan: delta must match u");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == dim, "mhp_scan: A must be (dim, N)");
+  const int64_t N = A.size(1);
+  TORCH_CHECK(N >= 1 && N <= mvpp::kMaxDState, "mhp_scan: N must be in [1, ", mvpp::kMaxDState, "]");
+  for (const Tensor* X : {&B, &C}) {
+    TORCH_CHECK((X->dim() == 2 && X->size(0) == dim && X->size(1) == N) ||
+                    (X->dim() == 4 && X->size(0) == batch && X->size(1) >= 1 && dim % X->size(1) == 0 &&
+                     X->size(2) == N && X->size(3) == L),
+                "mhp_scan: B and C must be (dim, N) or (batch, G, N, L)");
+  }
+  TORCH_CHECK(dt.dim() == 2 && dt.size(0) == batch && dt.size(1) == L, "mhp_scan: dt must be (batch, L)");
+  TORCH_CHECK(chunk_size >= 1, "mhp_scan: chunk_size must be >= 1");
+}
+
+template <typename T>
+void fill_common(MhpArgs<T>& a, const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+                 const Tensor& C, const Tensor& dt, const Tensor& D, const Tensor& z, const Tensor& bias,
+                 const Tensor& dt_end, const Tensor& lengths, const Tensor& init, bool softplus, int64_t chunk_size,
+                 int64_t N) {
+  a.batch = u.size(0);
+  a.dim = u.size(1);
+  a.L = u.size(2);
+  a.N = N;
+  a.chunk_size = chunk_size;
+  a.softplus = softplus;
+  a.u = u.data_ptr<T>();
+  a.delta = delta.data_ptr<T>();
+  a.z = ptr_or_null<T>(z);
+  a.A = A.data_ptr<T>();
+  a.B = B.data_ptr<T>();
+  a.C = C.data_ptr<T>();
+  a.GB = B.dim() == 4 ? B.size(1) : 0;
+  a.GC = C.dim() == 4 ? C.size(1) : 0;
+  a.D = ptr_or_null<T>(D);
+  a.delta_bias = ptr_or_null<T>(bias);
+  a.initial_state = ptr_or_null<T>(init);
+  a.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  a.dt = dt.data_ptr<T>();
+  a.dt_end = ptr_or_null<T>(dt_end);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mhp_scan_fwd_cpu(
+    const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C, const Tensor& dt,
+    const c10::optional<Tensor>& D, const c10::optional<Tensor>& z, const c10::optional<Tensor>& delta_bias,
+    const c10::optional<Tensor>& dt_end, const c10::optional<Tensor>& lengths,
+    const c10::optional<Tensor>& initial_state, bool delta_softplus, int64_t chunk_size) {
+  check_inputs(u, delta, A, B, C, dt, chunk_size);
+  const at::ScalarType ct = compute_type(u);
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
+  const int NP = mvpp::mhp_cpu::padded_state_size(N);
+  const int64_t nc = (L + chunk_size - 1) / chunk_size;
+  Tensor u_ = cvt(u, ct), delta_ = cvt(delta, ct), dt_ = cvt(dt, ct);
+  Tensor A_ = pad_states(A, NP, ct), B_ = pad_states(B, NP, ct), C_ = pad_states(C, NP, ct);
+  Tensor D_ = cvt_opt(D, ct), z_ = cvt_opt(z, ct), bias_ = cvt_opt(delta_bias, ct);
+  Tensor dt_end_ = cvt_opt(dt_end, ct), init_ = cvt_opt(initial_state, ct);
+  Tensor len_ = (lengths.has_value() && lengths->defined()) ? lengths->to(at::kLong).contiguous() : Tensor();
+
+  auto opts = u.options().dtype(ct);
+  Tensor y = at::empty({batch, dim, L}, opts);
+  Tensor y_left = at::empty({batch, dim, L}, opts);
+  Tensor integral = at::empty({batch, dim}, opts);
+  Tensor last_state = at::empty({batch, dim, N}, opts);
+  Tensor chunk_states = at::empty({batch, dim, nc, N}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "mhp_scan_fwd_cpu", [&] {
+    using T = scalar_t;
+    MhpArgs<T> a;
+    fill_common<T>(a, u_, delta_, A_, B_, C_, dt_, D_, z_, bias_, dt_end_, len_, init_, delta_softplus, chunk_size,
+                   N);
+    a.out = y.data_ptr<T>();
+    a.y_left = y_left.data_ptr<T>();
+    a.integral = integral.data_ptr<T>();
+    a.last_state = last_state.data_ptr<T>();
+    a.chunk_states = chunk_states.data_ptr<T>();
+    const int64_t cs = std::min<int64_t>(chunk_size, std::max<int64_t>(L, 1));
+    const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, L * NP));
+    at::parallel_for(0, batch * dim, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(4 * cs + 2 * cs * NP);
+      ChunkScratch<T> s{buf.data(), buf.data() + cs, buf.data() + 2 * cs, nullptr, nullptr};
+      T* ybuf = buf.data() + 3 * cs;
+      T* lanes = buf.data() + 4 * cs;
+      mvpp::mhp_cpu::dispatch_padded(NP, [&](auto np) {
+        for (int64_t idx = begin; idx < end; ++idx)
+          mvpp::mhp_cpu::mhp_fwd_channel<T, decltype(np)::value>(a, idx / dim, idx % dim, s, ybuf, lanes);
+      });
+    });
+  });
+  if (y.scalar_type() != u.scalar_type()) y = y.to(u.scalar_type());
+  return {y, y_left, integral, last_state, chunk_states};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mhp_scan_bwd_cpu(
+    const Tensor& dy, const c10::optional<Tensor>& dy_left, const c10::optional<Tensor>& dintegral,
+    const c10::optional<Tensor>& dlast_state, const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
+    const Tensor& C, const Tensor& dt, const c10::optional<Tensor>& D, const c10::optional<Tensor>& z,
+    const c10::optional<Tensor>& delta_bias, const c10::optional<Tensor>& dt_end,
+    const c10::optional<Tensor>& lengths, const c10::optional<Tensor>& initial_state, const Tensor& chunk_states,
+    bool delta_softplus, int64_t chunk_size, bool deterministic) {
+  (void)deterministic;  // this backward is always deterministic
+  check_inputs(u, delta, A, B, C, dt, chunk_size);
+  const at::ScalarType ct = compute_type(u);
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
+  const int NP = mvpp::mhp_cpu::padded_state_size(N);
+  const int64_t nc = (L + chunk_size - 1) / chunk_size;
+  TORCH_CHECK(dy.sizes() == u.sizes(), "mhp_scan_bwd: dy must be (batch, dim, L)");
+  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(0) == batch && chunk_states.size(1) == dim &&
+                  chunk_states.size(2) == nc && chunk_states.size(3) == N,
+              "mhp_scan_bwd: chunk_states must be (batch, dim, ceil(L / chunk_size), N) from mhp_scan_fwd");
+  Tensor u_ = cvt(u, ct), delta_ = cvt(delta, ct), dt_ = cvt(dt, ct), dy_ = cvt(dy, ct);
+  Tensor A_ = pad_states(A, NP, ct), B_ = pad_states(B, NP, ct), C_ = pad_states(C, NP, ct);
+  Tensor D_ = cvt_opt(D, ct), z_ = cvt_opt(z, ct), bias_ = cvt_opt(delta_bias, ct);
+  Tensor dt_end_ = cvt_opt(dt_end, ct), init_ = cvt_opt(initial_state, ct);
+  Tensor dyl_ = cvt_opt(dy_left, ct), dint_ = cvt_opt(dintegral, ct), dlast_ = cvt_opt(dlast_state, ct);
+  Tensor cst_ = cvt(chunk_states, ct);
+  Tensor len_ = (lengths.has_value() && lengths->defined()) ? lengths->to(at::kLong).contiguous() : Tensor();
+
+  auto opts = u.options().dtype(ct);
+  Tensor du = at::empty({batch, dim, L}, opts);
+  Tensor ddelta = at::empty({batch, dim, L}, opts);
+  Tensor dz = z_.defined() ? at::empty({batch, dim, L}, opts) : Tensor();
+  Tensor dA = at::empty({batch, dim, N}, opts);
+  Tensor dD = at::empty({batch, dim}, opts);
+  Tensor ddb = at::empty({batch, dim}, opts);
+  Tensor ddt = at::empty({batch, dim, L}, opts);
+  Tensor ddt_end = at::empty({batch, dim}, opts);
+  Tensor dinit = at::empty({batch, dim, N}, opts);
+  const bool Bvar = B.dim() == 4, Cvar = C.dim() == 4;
+  const int64_t GB = Bvar ? B.size(1) : 0, GC = Cvar ? C.size(1) : 0;
+  Tensor dB_const = Bvar ? Tensor() : at::empty({batch, dim, N}, opts);
+  Tensor dC_const = Cvar ? Tensor() : at::empty({batch, dim, N}, opts);
+
+  // Channel blocks: each lies inside one B group and one C group, and there are enough
+  // (batch x block) tasks to keep every thread busy; the per-task dB/dC buffers are then at most
+  // about max(batch * G, tasks) x L x NP, never (batch, dim, N, L).
+  const int64_t gsize = std::gcd(Bvar ? dim / GB : dim, Cvar ? dim / GC : dim);
+  int64_t bs = 1;
+  if (Bvar || Cvar) {
+    const int64_t target = 4 * static_cast<int64_t>(at::get_num_threads());
+    for (int64_t cand = gsize; cand >= 1; --cand) {
+      if (gsize % cand != 0) continue;
+      bs = cand;
+      if (batch * (dim / cand) >= target) break;
+    }
+  }
+  const int64_t nblk = dim / bs;
+  Tensor dB_part = Bvar ? at::zeros({batch, nblk, L, NP}, opts) : Tensor();
+  Tensor dC_part = Cvar ? at::zeros({batch, nblk, L, NP}, opts) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(ct, "mhp_scan_bwd_cpu", [&] {
+    using T = scalar_t;
+    MhpArgs<T> a;
+    fill_common<T>(a, u_, delta_, A_, B_, C_, dt_, D_, z_, bias_, dt_end_, len_, init_, delta_softplus, chunk_size,
+                   N);
+    a.chunk_states = cst_.data_ptr<T>();
+    a.dout = dy_.data_ptr<T>();
+    a.dy_left = ptr_or_null<T>(dyl_);
+    a.dintegral = ptr_or_null<T>(dint_);
+    a.dlast_state = ptr_or_null<T>(dlast_);
+    a.du = du.data_ptr<T>();
+    a.ddelta = ddelta.data_ptr<T>();
+    a.dz = ptr_or_null<T>(dz);
+    a.dA = dA.data_ptr<T>();
+    a.dD = dD.data_ptr<T>();
+    a.ddelta_bias = ddb.data_ptr<T>();
+    a.dinitial_state = dinit.data_ptr<T>();
+    a.dB_const = ptr_or_null<T>(dB_const);
+    a.dC_const = ptr_or_null<T>(dC_const);
+    a.ddt = ddt.data_ptr<T>();
+    a.ddt_end = ddt_end.data_ptr<T>();
+    T* dBp = ptr_or_null<T>(dB_part);
+    T* dCp = ptr_or_null<T>(dC_part);
+    const int64_t cs = std::min<int64_t>(chunk_size, std::max<int64_t>(L, 1));
+    at::parallel_for(0, batch * nblk, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> buf(3 * cs + 2 * cs * NP + 4 * cs * NP + 4 * cs);
+      ChunkScratch<T> s{buf.data(), buf.data() + cs, buf.data() + 2 * cs, buf.data() + 3 * cs,
+                        buf.data() + 3 * cs + cs * NP};
+      T* lanes = buf.data() + 3 * cs + 2 * cs * NP;
+      T* sums = lanes + 4 * cs * NP;
+      mvpp::mhp_cpu::dispatch_padded(NP, [&](auto np) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / nblk, k = task % nblk;
+          T* dBt = dBp ? dBp + task * L * NP : nullptr;
+          T* dCt = dCp ? dCp + task * L * NP : nullptr;
+          for (int64_t d = k * bs; d < (k + 1) * bs; ++d)
+            mvpp::mhp_cpu::mhp_bwd_channel<T, decltype(np)::value>(a, b, d, s, lanes, sums, dBt, dCt);
+        }
+      });
+    });
+  });
+
+  // (batch, nblk, L, NP) task buffers -> (batch, G, N, L), B's layout.
+  auto fold = [&](const Tensor& part, int64_t G) {
+    return part.view({batch, G, nblk / G, L, NP}).sum(2).narrow(3, 0, N).transpose(2, 3).contiguous();
+  };
+  Tensor dB = Bvar ? fold(dB_part, GB) : dB_const;
+  Tensor dC = Cvar ? fold(dC_part, GC) : dC_const;
+  if (du.scalar_type() != u.scalar_type()) du = du.to(u.scalar_type());
+  if (ddelta.scalar_type() != delta.scalar_type()) ddelta = ddelta.to(delta.scalar_type());
+  if (dz.defined()) {
+    if (dz.scalar_type() != z->scalar_type()) dz = dz.to(z->scalar_type());
+  } else {
+    dz = at::empty({0}, u.options());
+  }
+  return {du, ddelta, dA, dB, dC, dD, dz, ddb, ddt, ddt_end, dinit};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mvpp, CPU, m) {
+  m.impl("mhp_scan_fwd", &mhp_scan_fwd_cpu);
+  m.impl("mhp_scan_bwd", &mhp_scan_bwd_cpu);
+}
