@@ -16,7 +16,12 @@ import subprocess
 import pytest
 import torch
 
-SMOKE = os.environ.get("MVPP_BENCH_SMOKE", "0") == "1"
+
+
+def smoke() -> bool:
+    """Read at call time: this conftest is imported before the root conftest's pytest_configure
+    sets MVPP_BENCH_SMOKE, so a module-level constant would always be False."""
+    return os.environ.get("MVPP_BENCH_SMOKE", "0") == "1"
 
 
 def _git_commit() -> str:
@@ -78,7 +83,7 @@ def timed(fn, device):
 def run_pedantic(benchmark, fn, device, *, rounds: int = 5, warmup_rounds: int = 1, iterations: int = 1):
     """benchmark.pedantic with CUDA sync and warm-up (Triton autotuning/compilation happens in the
     warm-up, never in a timed round). In smoke mode: one round, no warm-up."""
-    if SMOKE:
+    if smoke():
         rounds, warmup_rounds = 1, 0
     return benchmark.pedantic(timed(fn, device), rounds=rounds, warmup_rounds=warmup_rounds, iterations=iterations)
 
