@@ -101,24 +101,31 @@ def resolve_backend(
     device: torch.device,
     backend: Optional[str] = None,
     implemented: tuple[str, ...] = ("cuda", "triton", "cpu", "reference"),
+    dtype: Optional[torch.dtype] = None,
+    gpu_float64: tuple[str, ...] = ("reference",),
 ) -> str:
     """The backend that will run `op` on `device`.
 
     `op` is the name the compiled extension registers its kernel under (e.g. "selective_scan_fwd");
-    `implemented` lists the backends this op has at all.
+    `implemented` lists the backends this op has at all. With `dtype` float64 on a GPU, `auto` keeps
+    to the backends in `gpu_float64` (the GPU kernels compute in float32 at most).
 
     Traceable by torch.compile(fullgraph=True): the answer depends only on the device, the request
     and what is built -- none of which changes inside a compiled region -- so dynamo evaluates it
     once at trace time (the dispatcher-registry query inside is not traceable) and bakes it in.
     """
-    return _resolve_backend_constant(op, str(torch.device(device)), backend, tuple(implemented))
+    return _resolve_backend_constant(op, str(torch.device(device)), backend, tuple(implemented),
+                                     dtype == torch.float64, tuple(gpu_float64))
 
 
 @torch._dynamo.assume_constant_result
-def _resolve_backend_constant(op: str, device: str, backend: Optional[str], implemented: tuple[str, ...]) -> str:
+def _resolve_backend_constant(op: str, device: str, backend: Optional[str], implemented: tuple[str, ...],
+                              float64: bool, gpu_float64: tuple[str, ...]) -> str:
     dev = torch.device(device)
     name = requested_backend(backend)
     if name == "auto":
+        if float64 and dev.type == "cuda":
+            implemented = tuple(b for b in implemented if b in gpu_float64) or ("reference",)
         return auto_backend(op, dev, implemented)
     if name not in implemented:
         raise BackendUnavailableError(f"{op} has no {name} backend; it has {', '.join(implemented)}")

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ... import _library  # noqa: F401  (defines the mvpp::frame_score_* schemas)
-from ..._backend import BackendUnavailableError, register_op_info, requested_backend, resolve_backend
+from ..._backend import BackendUnavailableError, register_op_info, resolve_backend
 from ..._checks import FLOAT_DTYPES, check_finite, check_lengths, check_same_device, check_tensor
 from .reference import compute_dtype, frame_score_ref
 
@@ -167,17 +167,6 @@ def _validate(frames, weight, bias, lengths, k, temperature, hidden, check_input
     return lengths, W1, b1, temperature
 
 
-@torch._dynamo.assume_constant_result
-def _choose_backend(device: str, backend: Optional[str], float64: bool) -> str:
-    # The choice depends only on the device, the request and what is built, none of which changes
-    # during a compiled region: dynamo runs this once at trace time (its registry queries are not
-    # traceable) and bakes the answer in.
-    name = resolve_backend(_KERNEL_NAME, torch.device(device), backend, _IMPLEMENTED)
-    if float64 and torch.device(device).type == "cuda" and requested_backend(backend) == "auto":
-        name = "reference"  # float64 on a GPU: only the reference computes it
-    return name
-
-
 def frame_score(
     frames: torch.Tensor,
     weight: torch.Tensor,
@@ -229,7 +218,7 @@ def frame_score(
     """
     if not isinstance(frames, torch.Tensor):
         raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
-    name = _choose_backend(str(frames.device), backend, frames.dtype == torch.float64)
+    name = resolve_backend(_KERNEL_NAME, frames.device, backend, _IMPLEMENTED, dtype=frames.dtype)
     lengths, W1, b1, temperature = _validate(frames, weight, bias, lengths, k, temperature, hidden, check_inputs, name)
     if name == "reference":
         return frame_score_ref(frames, weight, bias, lengths, k, temperature, hidden)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ... import _library  # noqa: F401  (defines the mvpp::mhp_scan_* schemas)
-from ..._backend import register_op_info, requested_backend, resolve_backend
+from ..._backend import register_op_info, resolve_backend
 from ..._checks import FLOAT_DTYPES, check_finite, check_lengths, check_same_device, check_tensor
 from ..selective_scan import MAX_DSTATE
 from .reference import mhp_scan_ref, phi
@@ -253,16 +253,6 @@ def _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_
     return lengths
 
 
-@torch._dynamo.assume_constant_result
-def _choose_backend(device: str, backend: Optional[str], float64: bool) -> str:
-    # Depends only on the device, the request and what is built, none of which changes inside a
-    # compiled region: dynamo runs this once at trace time (registry queries are not traceable).
-    name = resolve_backend(_KERNEL_NAME, torch.device(device), backend)
-    if float64 and torch.device(device).type == "cuda" and requested_backend(backend) == "auto":
-        name = "reference"  # float64 on a GPU: only the reference computes it
-    return name
-
-
 def mhp_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -333,7 +323,7 @@ def mhp_scan(
     backend. Inputs may be non-contiguous. With dt ≡ 1 and delta constant along L, y equals
     `selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)`.
     """
-    name = _choose_backend(str(u.device), backend, u.dtype == torch.float64)
+    name = resolve_backend(_KERNEL_NAME, u.device, backend, dtype=u.dtype)
     lengths = _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, delta_softplus,
                         check_inputs, name)
     if name == "reference":
