@@ -175,14 +175,6 @@ def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths, check
     return lengths
 
 
-@torch._dynamo.assume_constant_result
-def _choose_backend(device: str, backend: Optional[str]) -> str:
-    # Depends only on the device, the request and what is built, none of which changes inside a
-    # compiled region: dynamo runs this once at trace time (the dispatcher-registry query in
-    # resolve_backend is not traceable and would break fullgraph=True) and bakes the answer in.
-    return resolve_backend(_KERNEL_NAME, torch.device(device), backend)
-
-
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -229,7 +221,7 @@ def selective_scan(
     Gradients flow to u, delta, A, B, C, D, z, delta_bias and initial_state on every backend.
     Inputs may be non-contiguous.
     """
-    name = _choose_backend(str(u.device), backend)
+    name = resolve_backend(_KERNEL_NAME, u.device, backend)
     lengths = _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths, check_inputs, name)
     if name == "reference":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
