@@ -17,7 +17,6 @@ Kernel contract (every backend's mhp_scan_fwd / mhp_scan_bwd, see `_library.py` 
 """
 from __future__ import annotations
 
-import os
 from collections import namedtuple
 from typing import Optional
 
@@ -26,7 +25,9 @@ import torch
 from ... import _library  # noqa: F401  (defines the mvpp::mhp_scan_* schemas)
 from ..._backend import register_op_info, resolve_backend
 from ..._checks import FLOAT_DTYPES, check_finite, check_lengths, check_same_device, check_tensor
-from ..selective_scan import MAX_DSTATE
+from ..selective_scan import MAX_DSTATE, deterministic_requested, state_dtype  # noqa: F401  (state_dtype: used by triton.py)
+from ..selective_scan import _bwd_fake as _ss_bwd_fake
+from ..selective_scan import _fwd_fake as _ss_fwd_fake
 from .reference import mhp_scan_ref, phi
 from .hawkes import HawkesHead, hawkes_intensity, hawkes_loglik
 
@@ -52,52 +53,27 @@ _KERNEL_NAME = "mhp_scan_fwd"
 register_op_info("mhp_scan", _KERNEL_NAME, ("cuda", "triton", "cpu", "reference"))
 
 
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def deterministic_requested() -> bool:
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("MVPP_DETERMINISTIC", "0") == "1"
-
-
 # ---------------------------------------------------------------------------------------------
-# Fakes (shapes only) shared by the compiled op pair and the Triton op pair.
+# Fakes (shapes only) shared by the compiled op pair and the Triton op pair: selective_scan's
+# outputs and gradients plus what the point-process form adds (y_left, the integral, ddt, ddt_end).
 # ---------------------------------------------------------------------------------------------
 def _fwd_fake(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, delta_softplus, chunk_size):
+    y, last_state, chunk_states = _ss_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths,
+                                               delta_softplus, chunk_size)
     batch, dim, L = u.shape
-    N = A.shape[1]
-    sd = state_dtype(u.dtype)
-    n_chunks = (L + chunk_size - 1) // chunk_size
-    y = u.new_empty((batch, dim, L))
-    y_left = u.new_empty((batch, dim, L), dtype=sd)
-    integral = u.new_empty((batch, dim), dtype=sd)
-    last_state = u.new_empty((batch, dim, N), dtype=sd)
-    chunk_states = u.new_empty((batch, dim, n_chunks, N), dtype=sd)
-    return y, y_left, integral, last_state, chunk_states
+    sd = last_state.dtype
+    return y, u.new_empty((batch, dim, L), dtype=sd), u.new_empty((batch, dim), dtype=sd), last_state, chunk_states
 
 
 def _bwd_fake(dy, dy_left, dintegral, dlast_state, u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths,
               initial_state, chunk_states, delta_softplus, chunk_size, deterministic):
+    du, ddelta, dA, dB, dC, dD, dz, ddb, dinit = _ss_bwd_fake(
+        dy, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, lengths, chunk_states,
+        delta_softplus, chunk_size, deterministic)
     batch, dim, L = u.shape
-    N = A.shape[1]
-    sd = state_dtype(u.dtype)
-
-    def dBC(X):
-        return u.new_empty(X.shape, dtype=sd) if X.dim() == 4 else u.new_empty((batch, dim, N), dtype=sd)
-
-    return (
-        torch.empty_like(u, memory_format=torch.contiguous_format),
-        torch.empty_like(delta, memory_format=torch.contiguous_format),
-        u.new_empty((batch, dim, N), dtype=sd),
-        dBC(B),
-        dBC(C),
-        u.new_empty((batch, dim), dtype=sd),
-        torch.empty_like(z, memory_format=torch.contiguous_format) if z is not None else u.new_empty((0,)),
-        u.new_empty((batch, dim), dtype=sd),
-        u.new_empty((batch, dim, L), dtype=sd),
-        u.new_empty((batch, dim), dtype=sd),
-        u.new_empty((batch, dim, N), dtype=sd),
-    )
+    sd = dA.dtype
+    return (du, ddelta, dA, dB, dC, dD, dz, ddb, u.new_empty((batch, dim, L), dtype=sd),
+            u.new_empty((batch, dim), dtype=sd), dinit)
 
 
 torch.library.register_fake("mvpp::mhp_scan_fwd")(_fwd_fake)
