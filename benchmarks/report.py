@@ -36,6 +36,22 @@ BASELINES = (
 )
 
 
+# extra_info keys that define a case (rows differing only by provider share a case) ...
+CASE_KEYS = ("shape", "dtype", "mode", "kind", "n", "d", "queries", "k")
+# ... and measured quantities shown beside the time when a benchmark records them.
+METRIC_KEYS = (("recall_at_10", "recall@10 {:.3f}"), ("queries_per_s", "{:,.0f} q/s"), ("build_s", "build {:.1f} s"),
+               ("gflops", "{:.1f} GFLOP/s"))
+
+
+def _metrics(extra: dict) -> str:
+    out = []
+    for key, fmt in METRIC_KEYS:
+        v = extra.get(key)
+        if isinstance(v, (int, float)) and not (key == "build_s" and v == 0):
+            out.append(fmt.format(v))
+    return ", ".join(out) or "-"
+
+
 def _provider(bench: dict) -> str:
     extra = bench.get("extra_info") or {}
     params = bench.get("params") or {}
@@ -54,8 +70,8 @@ def _case(bench: dict) -> tuple:
     for key in ("provider", "impl", "backend"):
         params.pop(key, None)
     keys = {}
-    for k in ("shape", "dtype", "mode"):
-        if k in extra:
+    for k in CASE_KEYS:
+        if k in extra and extra[k] is not None:
             keys[k] = extra[k]
     for k, v in params.items():
         keys.setdefault(k, v)
@@ -101,8 +117,8 @@ def render_run(data: dict, path: str, plot_dir: str | None) -> str:
     for b in data.get("benchmarks", []):
         by_op[_op(b)].setdefault(_case(b), []).append(b)
     for op in sorted(by_op):
-        lines += [f"### {op}", "", "| case | provider | median | mean ± std | rounds | speedup vs baseline | GB/s |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"### {op}", "", "| case | provider | median | mean ± std | rounds | speedup vs baseline | GB/s | measured |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
         plot_rows = []
         for case, benches in by_op[op].items():
             times = {_provider(b): b["stats"]["median"] for b in benches}
@@ -117,7 +133,7 @@ def render_run(data: dict, path: str, plot_dir: str | None) -> str:
                 gbs = f"{nbytes / st['median'] / 1e9:.1f}" if nbytes else "-"
                 lines.append(
                     f"| {case_s} | {p} | {_fmt_time(st['median'])} | {_fmt_time(st['mean'])} ± {_fmt_time(st['stddev'])} "
-                    f"| {st['rounds']} | {speed} | {gbs} |"
+                    f"| {st['rounds']} | {speed} | {gbs} | {_metrics(extra)} |"
                 )
                 plot_rows.append((case_s, p, st["median"]))
         lines.append("")
