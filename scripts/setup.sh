@@ -20,4 +20,13 @@ if [ -n "$TORCH_SPEC" ]; then
 fi
 # --no-build-isolation: the extension compiles against the torch installed above.
 "$PY" -m pip install -q --no-build-isolation -e ".[$EXTRAS]"
+if [[ "$EXTRAS" == *test* ]]; then
+  # mamba-ssm's own selective_scan_ref is a peer in the tests and benchmarks. Without
+  # MAMBA_FORCE_BUILD its setup tries to download a prebuilt CUDA wheel and fails on a CPU torch;
+  # with the CUDA build skipped it installs the pure-Python package, and the tests that import it
+  # stub its CUDA module themselves.
+  MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
+    "$PY" -m pip install -q --no-build-isolation --no-deps mamba-ssm==2.3.2.post1 einops \
+    || echo "setup: mamba-ssm could not be installed; the tests comparing against it will be skipped (pytest -ra lists them)"
+fi
 "$PY" -c "import mvpp_kernels; print(mvpp_kernels.format_backend_info())"

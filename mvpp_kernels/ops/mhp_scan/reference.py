@@ -130,8 +130,14 @@ def mhp_scan_ref(
         C_ = C_.unsqueeze(1) if C_.dim() == 3 else expand_groups(C_, dim)
         C_ = masked(C_, valid[:, None, None, :])
 
+    # Per-step views taken once: indexing X[..., i] inside the loop would make autograd allocate a
+    # full-size zero gradient per step (an O(L^2) backward).
+    d_s, u_s, dt_s, valid_s = d_.unbind(-1), u_.unbind(-1), dt_.unbind(-1), valid.unbind(-1)
+    B_s = B_.unbind(-1) if variable_B else None
+    C_s = C_.unbind(-1) if variable_C else None
+
     def C_at(i: int) -> torch.Tensor:
-        return C_[..., i] if variable_C else C_
+        return C_s[i] if variable_C else C_
 
     if initial_state is not None:
         h = initial_state.to(ct).expand(batch, dim, N).clone()
@@ -143,24 +149,24 @@ def mhp_scan_ref(
         return y, u_.new_zeros(batch, dim, 0), integral, (h if return_last_state else None)
 
     # Step and readout of the event before the current gap; the first gap borrows event 1's.
-    d_prev = d_[:, :, 0]
+    d_prev = d_s[0]
     C_prev = C_at(0)
     ys, yls = [], []
     for i in range(L):
-        vi = valid[:, i, None]  # (batch, 1)
+        vi = valid_s[i][:, None]  # (batch, 1)
         rate = A_ * d_prev[..., None]  # (batch, dim, N), <= 0
-        x = rate * dt_[:, i, None, None]
+        x = rate * dt_s[i][:, None, None]
         decay = torch.exp(x)
-        gap_int = (C_prev * h * phi(x)).sum(-1) * dt_[:, i, None]
+        gap_int = (C_prev * h * phi(x)).sum(-1) * dt_s[i][:, None]
         integral = integral + masked(gap_int, vi)
         h_minus = decay * h
         yls.append(masked((C_prev * h_minus).sum(-1), vi))
-        Bi = B_[..., i] if variable_B else B_
-        h_new = h_minus + (d_[:, :, i] * u_[:, :, i])[..., None] * Bi
+        Bi = B_s[i] if variable_B else B_
+        h_new = h_minus + (d_s[i] * u_s[i])[..., None] * Bi
         h = torch.where(vi[..., None], h_new, h)
         Ci = C_at(i)
         ys.append((h * Ci).sum(-1))
-        d_prev = torch.where(vi, d_[:, :, i], d_prev)
+        d_prev = torch.where(vi, d_s[i], d_prev)
         C_prev = torch.where(vi[..., None], Ci, C_prev) if variable_C else C_
     y = torch.stack(ys, dim=2)
     y_left = torch.stack(yls, dim=2)

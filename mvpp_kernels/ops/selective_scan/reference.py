@@ -72,16 +72,22 @@ def selective_scan_ref(
     if lengths is not None:
         valid = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]  # (batch, L)
 
+    # Per-step views are taken once with unbind: indexing X[..., t] inside the loop would make
+    # autograd allocate a full-size zero gradient per step (an O(L^2) backward).
+    dt_s, u_s = dt.unbind(-1), u_.unbind(-1)
+    B_s = B_.unbind(-1) if variable_B else None
+    C_s = C_.unbind(-1) if variable_C else None
+    valid_s = valid.unbind(-1) if valid is not None else None
     ys = []
     for t in range(L):
-        dA = torch.exp(dt[:, :, t, None] * A_)  # (batch, dim, N)
-        Bt = B_[..., t] if variable_B else B_
-        h_new = dA * h + (dt[:, :, t] * u_[:, :, t])[..., None] * Bt
-        if valid is not None:
-            h = torch.where(valid[:, t, None, None], h_new, h)
+        dA = torch.exp(dt_s[t][..., None] * A_)  # (batch, dim, N)
+        Bt = B_s[t] if variable_B else B_
+        h_new = dA * h + (dt_s[t] * u_s[t])[..., None] * Bt
+        if valid_s is not None:
+            h = torch.where(valid_s[t][:, None, None], h_new, h)
         else:
             h = h_new
-        Ct = C_[..., t] if variable_C else C_
+        Ct = C_s[t] if variable_C else C_
         ys.append((h * Ct).sum(-1))
     y = torch.stack(ys, dim=2) if L > 0 else u_.new_zeros(batch, dim, 0)
     out = y if D is None else y + u_ * D.to(ct)[:, None]
