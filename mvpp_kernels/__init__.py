@@ -17,6 +17,23 @@ from .ops.cluster_lookup import cluster_lookup, cluster_lookup_ref  # memory ban
 from .ops.cluster_update import cluster_update, cluster_update_ref  # memory bank
 from .memory_bank import HierarchicalIndex, kmeans, retrieval_aggregate  # memory bank
 
+from ._nvtx import annotate as _annotate, nvtx_range
+
+# NVTX ranges around every public op and the index's stages, so an Nsight Systems profile reads
+# well (a no-op unless a GPU is present or MVPP_NVTX=1; skipped while torch.compile traces).
+selective_scan = _annotate("mvpp.selective_scan")(selective_scan)
+frame_score = _annotate("mvpp.frame_score")(frame_score)
+mhp_scan = _annotate("mvpp.mhp_scan")(mhp_scan)
+hawkes_loglik = _annotate("mvpp.hawkes_loglik")(hawkes_loglik)
+hawkes_intensity = _annotate("mvpp.hawkes_intensity")(hawkes_intensity)
+exact_search = _annotate("mvpp.exact_search")(exact_search)
+cluster_lookup = _annotate("mvpp.cluster_lookup")(cluster_lookup)
+cluster_update = _annotate("mvpp.cluster_update")(cluster_update)
+retrieval_aggregate = _annotate("mvpp.retrieval_aggregate")(retrieval_aggregate)
+HierarchicalIndex.build = classmethod(_annotate("mvpp.index.build")(HierarchicalIndex.build.__func__))
+HierarchicalIndex.search = _annotate("mvpp.index.search")(HierarchicalIndex.search)
+HierarchicalIndex.update = _annotate("mvpp.index.update")(HierarchicalIndex.update)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -24,6 +41,7 @@ __all__ = [
     "BackendUnavailableError",
     "backend_info",
     "format_backend_info",
+    "nvtx_range",
     "selective_scan",
     "selective_scan_ref",
     "frame_score",

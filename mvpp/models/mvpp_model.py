@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mvpp_kernels import nvtx_range
+
 from .common import MLP, AttentivePooling, ModelConfig, PopularityModel
 from .memory import TopologyMemoryBank
 from .mhp import MHPEncoder
@@ -118,12 +120,14 @@ class MVPPModel(PopularityModel):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
-        tokens = [self.text_proj(batch["text"]), self.ret_proj(batch["retrieval"]),
-                  self.frames(batch["frames"], batch["frame_lengths"])["rep"]]
+        with nvtx_range("mvpp.model.temporal"):
+            tokens = [self.text_proj(batch["text"]), self.ret_proj(batch["retrieval"]),
+                      self.frames(batch["frames"], batch["frame_lengths"])["rep"]]
         out = {}
         traj = None
         if self.mhp is not None:
-            m = self.mhp(batch["event_dt"], batch["event_marks"], batch["event_lengths"], batch["dt_end"])
+            with nvtx_range("mvpp.model.mhp"):
+                m = self.mhp(batch["event_dt"], batch["event_marks"], batch["event_lengths"], batch["dt_end"])
             tokens.append(m["rep"])
             traj = m["traj"]
             out["nll"] = -m["loglik"] / batch["event_lengths"].clamp(min=1).float()
@@ -132,12 +136,14 @@ class MVPPModel(PopularityModel):
             exclude = None
             if self._bank_pos is not None:
                 exclude = self._bank_pos.to(batch["index"].device)[batch["index"]]
-            r = self.memory(batch["retrieval"], traj, exclude)
+            with nvtx_range("mvpp.model.memory"):
+                r = self.memory(batch["retrieval"], traj, exclude)
             tokens.append(r["rep"])
             extra.append((r["agg"][:, :1] - self.label_mean) / self.label_std)
-        x = torch.stack(tokens, dim=1) + self.type_emb
-        h, _ = self.fusion(x, x, x, need_weights=False)
-        x = self.norm(x + h)
-        feats = torch.cat([self.pool(x), x.flatten(1)] + extra, dim=1)
+        with nvtx_range("mvpp.model.fusion"):
+            x = torch.stack(tokens, dim=1) + self.type_emb
+            h, _ = self.fusion(x, x, x, need_weights=False)
+            x = self.norm(x + h)
+            feats = torch.cat([self.pool(x), x.flatten(1)] + extra, dim=1)
         out["pred"] = self.head(feats).squeeze(-1) * self.label_std + self.label_mean
         return out
