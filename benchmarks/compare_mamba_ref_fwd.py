@@ -10,18 +10,7 @@ import time
 import torch
 
 import mvpp_kernels as mk
-from mvpp_kernels.testing import make_selective_scan_inputs
-
-
-def _mamba_ref():
-    # Same import path as the tests: mamba-ssm's module imports its CUDA extension at the top.
-    import sys
-    import types
-
-    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-
-    return selective_scan_ref
+from mvpp_kernels.testing import load_mamba_selective_scan_ref, make_selective_scan_inputs
 
 
 def _times(fn, rounds):
@@ -37,7 +26,9 @@ def _times(fn, rounds):
 def main():
     x = make_selective_scan_inputs(8, 256, 16, 512, dtype=torch.float32, with_initial_state=False)
     kw = {k: v for k, v in x.items() if k != "initial_state"}
-    ref = _mamba_ref()
+    ref = load_mamba_selective_scan_ref()
+    if ref is None:
+        raise SystemExit("mamba-ssm is not installed (scripts/setup.sh installs it)")
     with torch.no_grad():
         ours = _times(lambda: mk.selective_scan(**kw, delta_softplus=True, backend="cpu"), 30)
         theirs = _times(lambda: ref(**kw, delta_softplus=True), 7)

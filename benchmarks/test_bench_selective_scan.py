@@ -12,17 +12,14 @@ read once, outputs written once) and the achieved GB/s against that floor.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-import types
 
 import pytest
 import torch
 
 from mvpp_kernels._backend import BackendUnavailableError, resolve_backend
 from mvpp_kernels.ops.selective_scan import selective_scan
-from mvpp_kernels.testing import make_selective_scan_inputs
+from mvpp_kernels.testing import load_mamba_selective_scan_ref, make_selective_scan_inputs
 
 SMOKE = os.environ.get("MVPP_BENCH_SMOKE", "0") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -30,33 +27,6 @@ HAS_CUDA = torch.cuda.is_available()
 SHAPES = [(2, 8, 4, 16)] if SMOKE else [(8, 256, 16, 512), (64, 64, 16, 128)]  # (batch, dim, N, L)
 DTYPES = [torch.float32]
 MODES = ["fwd", "fwd+bwd"]
-
-
-def _load_mamba_ref():
-    """mamba-ssm's selective_scan_ref without its CUDA extension (see tests/ops/test_selective_scan.py:
-    the package __init__ and the interface module import `selective_scan_cuda` at the top)."""
-    spec = importlib.util.find_spec("mamba_ssm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    added = []
-    try:
-        if "selective_scan_cuda" not in sys.modules:
-            try:
-                import selective_scan_cuda  # noqa: F401
-            except ImportError:
-                sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
-                added.append("selective_scan_cuda")
-        if "mamba_ssm" not in sys.modules:
-            pkg = types.ModuleType("mamba_ssm")
-            pkg.__path__ = list(spec.submodule_search_locations)
-            sys.modules["mamba_ssm"] = pkg
-            added.append("mamba_ssm")
-        return importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_ref
-    except Exception:
-        return None
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
 
 
 def _load_mamba_cuda():
@@ -70,7 +40,7 @@ def _load_mamba_cuda():
     return selective_scan_fn
 
 
-MAMBA_REF = _load_mamba_ref()
+MAMBA_REF = load_mamba_selective_scan_ref()
 MAMBA_CUDA = _load_mamba_cuda()
 
 # (provider, device)

@@ -299,3 +299,42 @@ def recall_at_k(found_ids: torch.Tensor, true_ids: torch.Tensor) -> float:
     """Mean fraction of each row of true_ids (q, k) found in the same row of found_ids (q, k')."""
     hit = (found_ids[:, :, None] == true_ids[:, None, :]) & (true_ids[:, None, :] >= 0)
     return float(hit.any(1).sum(1).double().div(true_ids.shape[1]).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer: mamba-ssm's own selective_scan_ref (the CPU path its users have), when installed
+# ---------------------------------------------------------------------------------------------
+def load_mamba_selective_scan_ref():
+    """mamba-ssm's `selective_scan_ref`, or None when mamba-ssm is not installed.
+
+    mamba_ssm's package __init__ and its selective_scan_interface import the CUDA extension
+    `selective_scan_cuda` at the top, which a CPU-only install (MAMBA_SKIP_CUDA_BUILD=TRUE) lacks:
+    load the interface module with that import stubbed and the package __init__ bypassed; the stubs
+    are removed afterwards. Nothing of mamba-ssm is copied into this package."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    added = []
+    try:
+        if "selective_scan_cuda" not in sys.modules:
+            try:
+                import selective_scan_cuda  # noqa: F401  (a CUDA build of mamba-ssm)
+            except ImportError:
+                sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
+                added.append("selective_scan_cuda")
+        if "mamba_ssm" not in sys.modules:
+            pkg = types.ModuleType("mamba_ssm")
+            pkg.__path__ = list(spec.submodule_search_locations)
+            sys.modules["mamba_ssm"] = pkg
+            added.append("mamba_ssm")
+        return importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_ref
+    except Exception:
+        return None
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)

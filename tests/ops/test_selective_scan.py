@@ -14,11 +14,8 @@ because the extension is not built FAILS here: it is the product, not an optiona
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
-import sys
-import types
 
 import pytest
 import torch
@@ -29,7 +26,13 @@ from mvpp_kernels import _library
 from mvpp_kernels._backend import BackendUnavailableError, resolve_backend
 from mvpp_kernels.ops import selective_scan as ss_mod
 from mvpp_kernels.ops.selective_scan import MAX_DSTATE, selective_scan, selective_scan_ref
-from mvpp_kernels.testing import assert_close, make_selective_scan_inputs, poisoned_allocations, to_reference
+from mvpp_kernels.testing import (
+    assert_close,
+    load_mamba_selective_scan_ref,
+    make_selective_scan_inputs,
+    poisoned_allocations,
+    to_reference,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 TRITON_FILE = os.path.join(os.path.dirname(ss_mod.__file__), "triton.py")
@@ -502,36 +505,6 @@ def test_reference_against_closed_form(layout, combo):
 # ---------------------------------------------------------------------------------------------
 # Against mamba-ssm's own selective_scan_ref (the CPU path its users have), when installed
 # ---------------------------------------------------------------------------------------------
-def load_mamba_selective_scan_ref():
-    """mamba-ssm's `selective_scan_ref`, or None. mamba_ssm's package __init__ and its
-    selective_scan_interface import the CUDA extension `selective_scan_cuda` at the top, which a
-    CPU-only install lacks (MAMBA_SKIP_CUDA_BUILD=TRUE): load the interface module with that
-    import stubbed and the package __init__ bypassed; the stubs are removed afterwards."""
-    spec = importlib.util.find_spec("mamba_ssm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    added = []
-    try:
-        if "selective_scan_cuda" not in sys.modules:
-            try:
-                import selective_scan_cuda  # noqa: F401  (a CUDA build of mamba-ssm)
-            except ImportError:
-                sys.modules["selective_scan_cuda"] = types.ModuleType("selective_scan_cuda")
-                added.append("selective_scan_cuda")
-        if "mamba_ssm" not in sys.modules:
-            pkg = types.ModuleType("mamba_ssm")
-            pkg.__path__ = list(spec.submodule_search_locations)
-            sys.modules["mamba_ssm"] = pkg
-            added.append("mamba_ssm")
-        mod = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
-        return mod.selective_scan_ref
-    except Exception:
-        return None
-    finally:
-        for name in added:
-            sys.modules.pop(name, None)
-
-
 MAMBA_REF = load_mamba_selective_scan_ref()
 
 
