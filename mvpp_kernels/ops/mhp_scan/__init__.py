@@ -27,6 +27,7 @@ from ..._backend import register_op_info, resolve_backend
 from ..._checks import FLOAT_DTYPES, check_finite, check_lengths, check_same_device, check_tensor
 from ..selective_scan import MAX_DSTATE, deterministic_requested, state_dtype  # noqa: F401  (state_dtype: used by triton.py)
 from ..selective_scan import _bwd_fake as _ss_bwd_fake
+from ..selective_scan import reduce_partials
 from ..selective_scan import _fwd_fake as _ss_fwd_fake
 from .reference import mhp_scan_ref, phi
 from .hawkes import HawkesHead, hawkes_intensity, hawkes_loglik
@@ -100,11 +101,9 @@ def make_backward(bwd_op):
             u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state,
             chunk_states, ctx.delta_softplus, ctx.chunk_size, deterministic_requested(),
         )
-        # Partials -> totals in a fixed order (deterministic, no atomics): dA, dD, d(delta_bias)
-        # and constant dB/dC over the batch; ddt and ddt_end over the channels sharing the clock.
-        dA = dA.sum(0).to(A.dtype)
-        dB = (dB if B.dim() == 4 else dB.sum(0)).to(B.dtype)
-        dC = (dC if C.dim() == 4 else dC.sum(0)).to(C.dtype)
+        # Partials -> totals in a fixed order (deterministic, no atomics): selective_scan's over the
+        # batch, plus ddt and ddt_end over the channels sharing the clock.
+        dA, dB, dC, dD, ddb = reduce_partials(A, B, C, D, delta_bias, dA, dB, dC, dD, ddb)
         return (
             du,
             ddelta,
@@ -112,9 +111,9 @@ def make_backward(bwd_op):
             dB,
             dC,
             ddt.sum(1).to(dt.dtype),
-            dD.sum(0).to(D.dtype) if D is not None else None,
+            dD,
             dz if z is not None else None,
-            ddb.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            ddb,
             ddt_end.sum(1).to(dt_end.dtype) if dt_end is not None else None,
             None,
             dinit.to(initial_state.dtype) if initial_state is not None else None,

@@ -84,6 +84,19 @@ def _setup_context(ctx, inputs, output):
     ctx.chunk_size = chunk_size
 
 
+def reduce_partials(A, B, C, D, delta_bias, dA, dB, dC, dD, ddb):
+    """Per-batch partials -> totals in a fixed order (deterministic: no atomics), each cast to its
+    input's dtype: dA, dD, d(delta_bias) and constant (dim, N) dB/dC are summed over the batch;
+    variable dB/dC pass through. Absent D / delta_bias give None."""
+    return (
+        dA.sum(0).to(A.dtype),
+        (dB if B.dim() == 4 else dB.sum(0)).to(B.dtype),
+        (dC if C.dim() == 4 else dC.sum(0)).to(C.dtype),
+        dD.sum(0).to(D.dtype) if D is not None else None,
+        ddb.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+    )
+
+
 def make_backward(bwd_op):
     """Autograd for a fwd op with selective_scan_fwd's schema, given its bwd op."""
 
@@ -93,19 +106,16 @@ def make_backward(bwd_op):
             dout.contiguous(), dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, lengths,
             chunk_states, ctx.delta_softplus, ctx.chunk_size, deterministic_requested(),
         )
-        # Per-batch partials -> totals (deterministic: a fixed-order sum, no atomics).
-        dA = dA.sum(0).to(A.dtype)
-        dB = (dB if B.dim() == 4 else dB.sum(0)).to(B.dtype)
-        dC = (dC if C.dim() == 4 else dC.sum(0)).to(C.dtype)
+        dA, dB, dC, dD, ddb = reduce_partials(A, B, C, D, delta_bias, dA, dB, dC, dD, ddb)
         return (
             du,
             ddelta,
             dA,
             dB,
             dC,
-            dD.sum(0).to(D.dtype) if D is not None else None,
+            dD,
             dz if z is not None else None,
-            ddb.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
+            ddb,
             dinit.to(initial_state.dtype) if initial_state is not None else None,
             None,
             None,
