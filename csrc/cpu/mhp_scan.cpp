@@ -15,7 +15,7 @@ namespace {
 
 using at::Tensor;
 using mvpp::mhp_cpu::MhpArgs;
-using mvpp::mhp_cpu::ChunkScratch;
+using mvpp::mhp_cpu::MhpScratch;
 
 at::ScalarType compute_type(const Tensor& u) { return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -124,13 +124,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mhp_scan_fwd_cpu(
     const int64_t cs = std::min<int64_t>(chunk_size, std::max<int64_t>(L, 1));
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, L * NP));
     at::parallel_for(0, batch * dim, grain, [&](int64_t begin, int64_t end) {
-      std::vector<T> buf(4 * cs + 2 * cs * NP);
-      ChunkScratch<T> s{buf.data(), buf.data() + cs, buf.data() + 2 * cs, nullptr, nullptr};
-      T* ybuf = buf.data() + 3 * cs;
-      T* lanes = buf.data() + 4 * cs;
+      std::vector<T> buf(5 * cs + 2 * cs * NP);
+      T* p = buf.data();
+      MhpScratch<T> s{p, p + cs, p + 2 * cs, p + 3 * cs, p + 4 * cs, nullptr, nullptr, p + 5 * cs, nullptr};
       mvpp::mhp_cpu::dispatch_padded(NP, [&](auto np) {
         for (int64_t idx = begin; idx < end; ++idx)
-          mvpp::mhp_cpu::mhp_fwd_channel<T, decltype(np)::value>(a, idx / dim, idx % dim, s, ybuf, lanes);
+          mvpp::mhp_cpu::mhp_fwd_channel<T, decltype(np)::value>(a, idx / dim, idx % dim, s);
       });
     });
   });
@@ -220,18 +219,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     T* dCp = ptr_or_null<T>(dC_part);
     const int64_t cs = std::min<int64_t>(chunk_size, std::max<int64_t>(L, 1));
     at::parallel_for(0, batch * nblk, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> buf(3 * cs + 2 * cs * NP + 4 * cs * NP + 4 * cs);
-      ChunkScratch<T> s{buf.data(), buf.data() + cs, buf.data() + 2 * cs, buf.data() + 3 * cs,
-                        buf.data() + 3 * cs + cs * NP};
-      T* lanes = buf.data() + 3 * cs + 2 * cs * NP;
-      T* sums = lanes + 4 * cs * NP;
+      std::vector<T> buf(7 * cs + (6 * cs + 1) * NP + 4 * cs);
+      T* p = buf.data();
+      MhpScratch<T> s{p, p + cs, p + 2 * cs, p + 3 * cs, p + 4 * cs, p + 5 * cs, p + 6 * cs, p + 7 * cs,
+                      p + 7 * cs + (6 * cs + 1) * NP};
       mvpp::mhp_cpu::dispatch_padded(NP, [&](auto np) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / nblk, k = task % nblk;
           T* dBt = dBp ? dBp + task * L * NP : nullptr;
           T* dCt = dCp ? dCp + task * L * NP : nullptr;
           for (int64_t d = k * bs; d < (k + 1) * bs; ++d)
-            mvpp::mhp_cpu::mhp_bwd_channel<T, decltype(np)::value>(a, b, d, s, lanes, sums, dBt, dCt);
+            mvpp::mhp_cpu::mhp_bwd_channel<T, decltype(np)::value>(a, b, d, s, dBt, dCt);
         }
       });
     });

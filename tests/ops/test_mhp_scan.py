@@ -519,6 +519,22 @@ def test_torch_compile_fullgraph(backend):
 
 
 @pytest.mark.cpp
+@pytest.mark.parametrize("N", [1, 2, 8, 16, 33])
+@pytest.mark.parametrize("gaps", ["mixed", "long"])
+def test_cpu_state_sizes_and_paths(N, gaps):
+    """The C++ kernel per padded state size (1 .. 64 lanes: scalar sums, 8-lane sums, the AVX-512
+    16-row transpose-sum and its multi-vector rows), L = 70 so a chunk has 64 events (4 blocks of
+    16 rows) and the next 6 (the per-row remainder). `long` gaps put nearly every event on the fast
+    path (|A Δ dt| >= 0.1 on every state: integral from e^x without φ), `mixed` adds ties, 1e-6 and
+    1e6 gaps, so series and fast events alternate."""
+    require("cpu")
+    inp = make_inputs(3, 3, N, 70, lengths=[70, 17, 0], gaps="mixed" if gaps == "mixed" else "none", seed=20 + N)
+    if gaps == "long":
+        inp["dt"] = inp["dt"] + 3.0  # gaps >= 3: all but the smallest steps Δ take the fast path
+    check_against_reference(inp, "cpu", torch.float32)
+
+
+@pytest.mark.cpp
 def test_cpu_backward_deterministic():
     require("cpu")
     inp = make_inputs(3, 8, 16, 100, layout="grouped", lengths=[100, 50, 7], seed=8)

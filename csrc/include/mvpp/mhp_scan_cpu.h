@@ -27,13 +27,46 @@ namespace mvpp {
 namespace mhp_cpu {
 
 // The numerics and plumbing shared with selective_scan's CPU core (mvpp/scan_cpu_common.h).
-using scan_cpu::ChunkScratch;
-using scan_cpu::chunk_deltas;
-using scan_cpu::exp_approx;
 using scan_cpu::fmadd;
 using scan_cpu::ScanArgs;
-using scan_cpu::sigmoid;
 using scan_cpu::softplus_and_grad;
+
+// e^x: scan_cpu::exp_approx's reduction and polynomial (same coefficients, same ~2 ulp). kNonPos:
+// the caller knows x <= 0 (a decay, A <= 0 and Δ dt >= 0 -- the hot loops check it per channel and
+// per event), so only the lower clamp is applied: GCC compiles the two-sided clamp to a seven-
+// instruction compare/mask sequence and one side to two. NaN propagates either way.
+template <bool kNonPos = false>
+MVPP_INLINE float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  if (!kNonPos) x = x > 88.0f ? 88.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float t = fmadd(x, 1.44269504088896341f, magic);
+  const float n = t - magic;
+  float r = fmadd(n, -0.693359375f, x);
+  r = fmadd(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmadd(p, r, 1.3981999507e-3f);
+  p = fmadd(p, r, 8.3334519073e-3f);
+  p = fmadd(p, r, 4.1665795894e-2f);
+  p = fmadd(p, r, 1.6666665459e-1f);
+  p = fmadd(p, r, 5.0000001201e-1f);
+  p = fmadd(p, r * r, r + 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <bool kNonPos = false>
+MVPP_INLINE double exp_approx(double x) {
+  return std::exp(x);
+}
+
+// sigmoid on this file's exp (scan_cpu::sigmoid would call the shared one).
+template <typename T>
+MVPP_INLINE T sigmoid(T x) {
+  return T(1) / (T(1) + exp_approx(-x));
+}
 
 // Padded state sizes the kernels are instantiated for; N is rounded up to the next one.
 // Unlike selective_scan, small sizes too: the classic Hawkes process (N = 1) and small multivariate
@@ -102,6 +135,15 @@ MVPP_INLINE T rate_constants(const T* Ad, int64_t N, T* invA) {
   return minA;
 }
 
+// Whether every rate is <= 0, so x = A Δ dt <= 0 for any step with Δ dt >= 0 (the wrapper checks
+// A <= 0, but outside torch.compile only).
+template <typename T, int NP>
+MVPP_INLINE bool all_nonpositive(const T* Ad) {
+  bool ok = true;
+  for (int n = 0; n < NP; ++n) ok = ok && Ad[n] <= T(0);
+  return ok;
+}
+
 // 1/s for s = Δ dt >= 0 (0 for s = 0: every x is then 0 and takes the series).
 template <typename T>
 MVPP_INLINE T safe_inv(T s) {
@@ -122,6 +164,15 @@ struct MhpArgs : ScanArgs<T> {
   T* ddt_end = nullptr;          // (batch, dim) per-channel partials
 };
 
+// The channel kernels are flattened: every helper (exp_approx, softplus, sigmoid, the lane sums)
+// is inlined into them, which is what lets GCC vectorise the per-event loops (an out-of-line call
+// inside a `#pragma omp simd` loop keeps it scalar).
+#if defined(__GNUC__)
+#define MVPP_MHP_FLATTEN __attribute__((flatten))
+#else
+#define MVPP_MHP_FLATTEN
+#endif
+
 template <typename T>
 MVPP_INLINE T step_of(const MhpArgs<T>& a, T delta_plus_bias) {
   if (!a.softplus) return delta_plus_bias;
@@ -130,42 +181,148 @@ MVPP_INLINE T step_of(const MhpArgs<T>& a, T delta_plus_bias) {
   return sp;
 }
 
+// Per-thread scratch, each array chunk_size (or chunk_size x NP) long.
+template <typename T>
+struct MhpScratch {
+  T* d;      // Δ_t
+  T* dtu;    // Δ_t u_t
+  T* dsp;    // dΔ_t / d(delta_t)
+  T* inv_d;  // 1 / Δ_t (0 for Δ_t = 0)
+  T* ev0;    // forward: y before D/z; backward: dy_t (gated)
+  T* ev1;    // backward: d silu(z_t)/dz_t
+  T* ev2;    // backward: next event's pending dΔ (see mhp_bwd_channel)
+  T* rows;   // forward: 2 x cs x NP; backward: (cs + 1) x NP states, cs x NP decays, 4 x cs x NP lanes
+  T* sums;   // 4 x cs row sums
+};
+
+// Δ, Δu, dΔ/d(delta) and 1/Δ for events [t0, t1) of one channel (vectorised: the softplus is
+// branch-free and inlined).
+template <typename T>
+MVPP_INLINE void prep_steps(const MhpArgs<T>& a, const T* delta, const T* u, T bias, int64_t t0, int64_t t1,
+                            const MhpScratch<T>& s) {
+  const int64_t n = t1 - t0;
+  if (a.softplus) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      T sp, dsp;
+      softplus_and_grad(delta[t0 + i] + bias, sp, dsp);
+      s.d[i] = sp;
+      s.dsp[i] = dsp;
+      s.dtu[i] = sp * u[t0 + i];
+      s.inv_d[i] = sp != T(0) ? T(1) / sp : T(0);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = delta[t0 + i] + bias;
+      s.d[i] = v;
+      s.dsp[i] = T(1);
+      s.dtu[i] = v * u[t0 + i];
+      s.inv_d[i] = v != T(0) ? T(1) / v : T(0);
+    }
+  }
+}
+
+// Sums of the NP lanes of each of `rows` rows (row stride NP): out[i] = Σ_n P[i * NP + n].
+// These replace a horizontal reduction per event inside the sequential loop. With AVX-512 and
+// float rows of 16k lanes, 16 rows are reduced together by a transpose-and-add tree (about 3
+// instructions a row instead of ~6 for a per-row horizontal sum, and no scalar add chain).
+template <typename T, int NP>
+MVPP_INLINE T lane_total(const T* __restrict v) {
+  if constexpr (NP >= 8) {
+    T part[8];
+    for (int j = 0; j < 8; ++j) part[j] = v[j];
+    for (int i = 8; i < NP; i += 8)
+      for (int j = 0; j < 8; ++j) part[j] += v[i + j];
+    return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  } else {
+    T acc = v[0];
+    for (int n = 1; n < NP; ++n) acc += v[n];
+    return acc;
+  }
+}
+
+#if defined(__AVX512F__)
+// v[0..16): 16 vectors; returns the vector of their 16 horizontal sums, in order. (The maskz forms
+// with a full mask compile to the plain instructions; the unmasked intrinsics trip GCC 12's false
+// -Wmaybe-uninitialized on their undefined pass-through operand.)
+MVPP_INLINE __m512 transpose_sum16(const __m512* v) {
+  constexpr __mmask16 all = 0xFFFF;
+  __m512 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) {
+    // Within each 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] for rows x = v[2k], y = v[2k+1].
+    a[k] = _mm512_add_ps(_mm512_maskz_unpacklo_ps(all, v[2 * k], v[2 * k + 1]),
+                         _mm512_maskz_unpackhi_ps(all, v[2 * k], v[2 * k + 1]));
+  }
+  for (int k = 0; k < 4; ++k) {
+    // Within each 128-bit lane: that lane's sums of rows 4k..4k+3, in order.
+    b[k] = _mm512_add_ps(_mm512_maskz_shuffle_ps(all, a[2 * k], a[2 * k + 1], 0x44),
+                         _mm512_maskz_shuffle_ps(all, a[2 * k], a[2 * k + 1], 0xEE));
+  }
+  // Then across the four 128-bit lanes: pairs of lanes, then the rest.
+  for (int k = 0; k < 2; ++k) {
+    c[k] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, b[2 * k], b[2 * k + 1], 0x88),
+                         _mm512_maskz_shuffle_f32x4(all, b[2 * k], b[2 * k + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, c[0], c[1], 0x88),
+                       _mm512_maskz_shuffle_f32x4(all, c[0], c[1], 0xDD));
+}
+#endif
+
+template <typename T, int NP>
+MVPP_INLINE void row_sums(const T* __restrict P, int64_t rows, T* __restrict out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value && NP % 16 == 0) {
+    for (; i + 16 <= rows; i += 16) {
+      __m512 v[16];
+      for (int r = 0; r < 16; ++r) {
+        const float* row = P + (i + r) * NP;
+        v[r] = _mm512_loadu_ps(row);
+        for (int k = 16; k < NP; k += 16) v[r] = _mm512_add_ps(v[r], _mm512_loadu_ps(row + k));
+      }
+      _mm512_storeu_ps(out + i, transpose_sum16(v));
+    }
+  }
+#endif
+  for (; i < rows; ++i) out[i] = lane_total<T, NP>(P + i * NP);
+}
+
 // One gap then one jump of one channel (the forward's hot loop): decay h over the gap, integrate
-// its readout over the gap into the per-lane Ivec, then add the jump. The per-lane readouts at the
-// gap's end (y_left) and after the jump (y) go to rows of a buffer and are summed over the state
-// after the chunk: no horizontal reduction sits inside the sequential loop. Restrict pointers so
-// the loop over the state vectorises without aliasing checks; kSeries as in phi().
+// its readout over the gap, then add the jump. The per-lane readouts at the gap's end (y_left)
+// and after the jump (y) go to rows of a buffer, summed over the state after the chunk.
+//
+// The integral of lane n over the gap is C h^+ (e^x - 1) / (A_n Δ_p) (x = A_n Δ_p dt): with
+// kSeries = false (|x| >= kThr on every lane, Δ_p normal) it is accumulated as
+// (C h e^x - C h) / Δ_p — one fused multiply-subtract from the decay already computed (no φ, no
+// division, no 1/x) — and multiplied by 1/A_n once per channel at the end (Ivec). Otherwise each
+// lane takes φ from its series or from e^x (IvecS, already in integral units).
 template <typename T, int NP, bool kSeries>
-MVPP_INLINE void fwd_gap_jump(T* __restrict h, const T* __restrict Ad, const T* __restrict invA, const T* Cp,
-                              const T* __restrict Bt, const T* Ct, T sg, T inv_sg, T dtu, T dtt,
-                              T* __restrict Ivec, T* __restrict Pyl, T* __restrict Py) {
+MVPP_INLINE void fwd_gap_jump(T* __restrict h, const T* __restrict Ad, const T* __restrict invA,
+                              const T* __restrict Cp, const T* __restrict Bt, const T* __restrict Ct, T sg, T inv_sg,
+                              T inv_dp, T dtu, T dtt, T* __restrict Ivec, T* __restrict IvecS, T* __restrict Pyl,
+                              T* __restrict Py) {
 #pragma omp simd
   for (int n = 0; n < NP; ++n) {
     const T x = Ad[n] * sg;
-    const T e = exp_approx(x);
-    const T ch = Cp[n] * h[n];
-    Ivec[n] = fmadd(ch * phi<T, kSeries>(x, e, invA[n] * inv_sg), dtt, Ivec[n]);
+    const T e = exp_approx<!kSeries>(x);  // the fast path's caller checked x <= 0
+    const T hn = h[n];
+    const T ch = Cp[n] * hn;
     Pyl[n] = ch * e;
-    h[n] = fmadd(e, h[n], dtu * Bt[n]);
-    Py[n] = Ct[n] * h[n];
+    if constexpr (!kSeries) {
+      Ivec[n] = fmadd(fmadd(ch, e, -ch), inv_dp, Ivec[n]);
+    } else {
+      IvecS[n] = fmadd(ch * phi<T, true>(x, e, invA[n] * inv_sg), dtt, IvecS[n]);
+    }
+    const T hp = fmadd(e, hn, dtu * Bt[n]);
+    h[n] = hp;
+    Py[n] = Ct[n] * hp;
   }
 }
 
-// Row sums of a (rows, NP) buffer; rows are independent, so they overlap in the pipeline.
+// Forward for channel (b, d).
 template <typename T, int NP>
-MVPP_INLINE void row_sums(const T* __restrict P, int64_t rows, T* __restrict out) {
-  for (int64_t i = 0; i < rows; ++i) {
-    T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-    for (int n = 0; n < NP; ++n) acc += P[i * NP + n];
-    out[i] = acc;
-  }
-}
-
-// Forward for channel (b, d). s: chunk scratch (dt/dtu/dsp, chunk_size each); ybuf: chunk_size;
-// lanes: 2 x min(chunk_size, L) x NP.
-template <typename T, int NP>
-void mhp_fwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScratch<T>& s, T* ybuf, T* lanes) {
+MVPP_MHP_FLATTEN void mhp_fwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const MhpScratch<T>& s) {
   const int64_t L = a.L, N = a.N, cs = a.chunk_size, nc = a.n_chunks();
   const int64_t bd = b * a.dim + d;
   const int64_t row = bd * L;
@@ -187,40 +344,50 @@ void mhp_fwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScrat
     Ad[n] = a.A[d * NP + n];
   }
   const T minA = rate_constants<T, NP>(Ad, N, invA);
+  const bool nonpos = all_nonpositive<T, NP>(Ad);
   const T* Bb = a.B_base(b, d, NP);
   const T* Cb = a.C_base(b, d, NP);
   const int64_t Bs = a.GB ? NP : 0, Cs = a.GC ? NP : 0;
   T* cstates = a.chunk_states + bd * nc * N;
 
-  const int64_t rows = std::min(cs, L);  // rows of each lanes buffer (the caller sizes it so)
-  alignas(64) T Ivec[NP];  // the integral so far, per state (summed over the state at the end)
-  for (int n = 0; n < NP; ++n) Ivec[n] = T(0);
-  T dprev = T(0);      // Δ of the event before the current gap
-  const T* Cprev = Cb;  // C of that event (the first gap borrows event 1's)
+  const int64_t rows = std::min(cs, L);
+  T* Pyl0 = s.rows;
+  T* Py0 = s.rows + rows * NP;
+  T* ybuf = s.ev0;
+  alignas(64) T Ivec[NP];   // Σ over fast-path gaps of (C h e^x - C h) / Δ_p, per state (x 1/A_n at the end)
+  alignas(64) T IvecS[NP];  // Σ over the other gaps of their integral, per state
+  for (int n = 0; n < NP; ++n) Ivec[n] = IvecS[n] = T(0);
+  T dprev = T(0), inv_dprev = T(0);  // Δ (and 1/Δ) of the event before the current gap
+  const T* Cprev = Cb;                 // C of that event (the first gap borrows event 1's)
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t t0 = c * cs, t1 = std::min(t0 + cs, L), te = std::min(t1, len);
     if (te > t0) {
-      chunk_deltas(a, delta, u, bias, t0, te, s);
-      if (t0 == 0) dprev = s.dt[0];
+      prep_steps(a, delta, u, bias, t0, te, s);
+      if (t0 == 0) {
+        dprev = s.d[0];
+        inv_dprev = s.inv_d[0];
+      }
       for (int64_t t = t0; t < te; ++t) {
+        const int64_t i = t - t0;
         const T dtt = dtb[t];
         const T sg = dprev * dtt;
-        const T inv_sg = safe_inv(sg);
-        const T dtu = s.dtu[t - t0];
         const T* Bt = Bb + t * Bs;
         const T* Ct = Cb + t * Cs;
-        T* Pyl = lanes + (t - t0) * NP;
-        T* Py = lanes + (rows + t - t0) * NP;
-        if (sg * minA >= PhiConst<T>::kThr) {
-          fwd_gap_jump<T, NP, false>(h, Ad, invA, Cprev, Bt, Ct, sg, inv_sg, dtu, dtt, Ivec, Pyl, Py);
+        T* Pyl = Pyl0 + i * NP;
+        T* Py = Py0 + i * NP;
+        if (nonpos && sg * minA >= PhiConst<T>::kThr && dprev >= std::numeric_limits<T>::min()) {
+          fwd_gap_jump<T, NP, false>(h, Ad, invA, Cprev, Bt, Ct, sg, T(0), inv_dprev, s.dtu[i], dtt, Ivec, IvecS,
+                                     Pyl, Py);
         } else {
-          fwd_gap_jump<T, NP, true>(h, Ad, invA, Cprev, Bt, Ct, sg, inv_sg, dtu, dtt, Ivec, Pyl, Py);
+          fwd_gap_jump<T, NP, true>(h, Ad, invA, Cprev, Bt, Ct, sg, safe_inv(sg), T(0), s.dtu[i], dtt, Ivec,
+                                    IvecS, Pyl, Py);
         }
-        dprev = s.dt[t - t0];
+        dprev = s.d[i];
+        inv_dprev = s.inv_d[i];
         Cprev = Ct;
       }
-      row_sums<T, NP>(lanes, te - t0, yl + t0);
-      row_sums<T, NP>(lanes + rows * NP, te - t0, ybuf);
+      row_sums<T, NP>(Pyl0, te - t0, yl + t0);
+      row_sums<T, NP>(Py0, te - t0, ybuf);
       if (z) {
 #pragma omp simd
         for (int64_t t = t0; t < te; ++t) {
@@ -245,12 +412,12 @@ void mhp_fwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScrat
 #pragma omp simd
     for (int n = 0; n < NP; ++n) {
       const T x = Ad[n] * sg;
-      Ivec[n] = fmadd(Cprev[n] * h[n] * phi<T, true>(x, exp_approx(x), invA[n] * inv_sg), dte, Ivec[n]);
+      IvecS[n] = fmadd(Cprev[n] * h[n] * phi<T, true>(x, exp_approx(x), invA[n] * inv_sg), dte, IvecS[n]);
     }
   }
-  T integ = T(0);
-  for (int n = 0; n < NP; ++n) integ += Ivec[n];
-  a.integral[bd] = integ;
+  alignas(64) T Itot[NP];
+  for (int n = 0; n < NP; ++n) Itot[n] = fmadd(invA[n], Ivec[n], IvecS[n]);
+  a.integral[bd] = lane_total<T, NP>(Itot);
   T* last = a.last_state + bd * N;
   for (int64_t n = 0; n < N; ++n) last[n] = h[n];
 }
@@ -258,11 +425,16 @@ void mhp_fwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScrat
 // Backward for channel (b, d) by recomputation from the chunk-end states, chunk by chunk in reverse.
 // The adjoint g of h^+ runs backwards; each gap's contribution to its decay rate Δ_p is "pending"
 // until event p is reached (it may lie in the previous chunk). dB_var/dC_var: (L, NP) accumulators
-// owned by the calling task (nullptr for constant B/C). lanes: 4 x min(chunk_size, L) x NP;
-// sums: 4 x min(chunk_size, L).
+// owned by the calling task (nullptr for constant B/C).
+//
+// Per chunk: the per-event scalars (Δ, softplus', the gated dy, silu') in vector loops; the states
+// recomputed forward into an L1-sized buffer (h before every event plus the one after the chunk, so
+// h^+ of an event is read back, not recomputed); the adjoint in reverse with the per-lane terms of
+// its four sums over the state written to rows; the sums by row_sums; then every per-event gradient
+// in one vector loop (the pending dΔ of event t is just the next gap's dt * S, no carried chain).
 template <typename T, int NP>
-void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScratch<T>& s, T* lanes, T* sums,
-                     T* dB_var, T* dC_var) {
+MVPP_MHP_FLATTEN void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const MhpScratch<T>& s,
+                                      T* dB_var, T* dC_var) {
   const int64_t rows = std::min(a.chunk_size, a.L);
   const int64_t L = a.L, N = a.N, cs = a.chunk_size, nc = a.n_chunks();
   const int64_t bd = b * a.dim + d;
@@ -297,13 +469,14 @@ void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScrat
     dCc[n] = T(0);
   }
   const T minA = rate_constants<T, NP>(Ad, N, invA);
+  const bool nonpos = all_nonpositive<T, NP>(Ad);
   const T* Bb = a.B_base(b, d, NP);
   const T* Cb = a.C_base(b, d, NP);
   const bool Bvar = a.GB != 0, Cvar = a.GC != 0;
   const int64_t Bs = Bvar ? NP : 0, Cs = Cvar ? NP : 0;
   const T* cstates = a.chunk_states + bd * nc * N;
   T dD_acc = T(0), ddb_acc = T(0), ddt_end = T(0);
-  T pend = T(0);  // d(loss)/dΔ_p from gaps already processed, p = the next event to be reached
+  T pend = T(0);  // d(loss)/dΔ of the chunk's last event from the gap after it
 
   for (int64_t t = std::max<int64_t>(len, 0); t < L; ++t) {
     du[t] = T(0);
@@ -312,9 +485,24 @@ void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScrat
     if (dz) dz[t] = T(0);
   }
 
+  T* hs = s.rows;                     // (rows + 1) x NP: h^+ before each event, then after the chunk
+  T* dc = hs + (rows + 1) * NP;       // rows x NP: each event's gap decay
+  T* Pyacc = dc + rows * NP;          // 4 x rows x NP per-lane terms
+  T* PsB = Pyacc + rows * NP;
+  T* PS = PsB + rows * NP;
+  T* PI = PS + rows * NP;
+  T* Ryacc = s.sums;
+  T* RsB = Ryacc + rows;
+  T* RS = RsB + rows;
+  T* RI = RS + rows;
+  T* dyv = s.ev0;
+  T* dgv = s.ev1;
+  T* nextS = s.ev2;
+
   const int64_t c_last = len > 0 ? (len - 1) / cs : -1;
   for (int64_t c = c_last; c >= 0; --c) {
     const int64_t t0 = c * cs, te = std::min(std::min(t0 + cs, L), len);
+    const int64_t m = te - t0;
     for (int n = 0; n < NP; ++n) {
       if (n >= N) {
         h[n] = T(0);
@@ -324,34 +512,53 @@ void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScrat
         h[n] = cstates[(c - 1) * N + n];
       }
     }
-    chunk_deltas(a, delta, u, bias, t0, te, s);
-    const T dprev0 = t0 == 0 ? s.dt[0] : step_of(a, delta[t0 - 1] + bias);
-    for (int64_t t = t0; t < te; ++t) {
-      const int64_t i = t - t0;
-      const T sg = (i == 0 ? dprev0 : s.dt[i - 1]) * dtb[t];
-      const T dtu = s.dtu[i];
-      const T* Bt = Bb + t * Bs;
-      T* hp = s.hprev + i * NP;
-      T* dc = s.decay + i * NP;
+    prep_steps(a, delta, u, bias, t0, te, s);
+    if (z) {
 #pragma omp simd
-      for (int n = 0; n < NP; ++n) {
-        const T e = exp_approx(Ad[n] * sg);
-        hp[n] = h[n];
-        dc[n] = e;
-        h[n] = fmadd(e, h[n], dtu * Bt[n]);
+      for (int64_t i = 0; i < m; ++i) {
+        const T zt = z[t0 + i], sgm = sigmoid(zt);
+        dyv[i] = dout[t0 + i] * (zt * sgm);
+        dgv[i] = sgm * (T(1) + zt * (T(1) - sgm));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) dyv[i] = dout[t0 + i];
+    }
+    const T dprev0 = t0 == 0 ? s.d[0] : step_of(a, delta[t0 - 1] + bias);
+    for (int64_t i = 0; i < m; ++i) {
+      const T sg = (i == 0 ? dprev0 : s.d[i - 1]) * dtb[t0 + i];
+      const T dtu = s.dtu[i];
+      const T* Bt = Bb + (t0 + i) * Bs;
+      T* hp = hs + i * NP;
+      T* dci = dc + i * NP;
+      auto recompute = [&](auto nonpos_x) {
+#pragma omp simd
+        for (int n = 0; n < NP; ++n) {
+          const T e = exp_approx<decltype(nonpos_x)::value>(Ad[n] * sg);
+          hp[n] = h[n];
+          dci[n] = e;
+          h[n] = fmadd(e, h[n], dtu * Bt[n]);
+        }
+      };
+      if (nonpos && sg >= T(0)) {
+        recompute(std::true_type{});
+      } else {
+        recompute(std::false_type{});
       }
     }
+    for (int n = 0; n < NP; ++n) hs[m * NP + n] = h[n];
     if (c == c_last && a.dt_end) {
       // The last gap (t_len, T]: h holds h_len^+, read out with C_len and decayed at Δ_len.
       const T dte = a.dt_end[b];
-      const T dp = s.dt[te - 1 - t0];
+      const T dp = s.d[m - 1];
       const T sg = dp * dte;
       const T inv_sg = safe_inv(sg);
       const T* Cp = Cb + (len - 1) * Cs;
       T* dCp = Cvar ? dC_var + (len - 1) * NP : dCc;
       const T w = dint * dte;
-      T S = T(0), Iacc = T(0);
-#pragma omp simd reduction(+ : S, Iacc)
+      alignas(64) T pS[NP];
+      alignas(64) T pI[NP];
+#pragma omp simd
       for (int n = 0; n < NP; ++n) {
         const T x = Ad[n] * sg;
         const T e = exp_approx(x);
@@ -359,52 +566,48 @@ void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScrat
         const T ph = phi<T, true>(x, e, invx);
         const T ch = Cp[n] * h[n];
         const T wx = w * ch * dphi<T, true>(x, e, ph, invx);
-        S += wx * Ad[n];
+        pS[n] = wx * Ad[n];
         dA_acc[n] = fmadd(wx, sg, dA_acc[n]);
-        Iacc += ch * ph;
+        pI[n] = ch * ph;
         dCp[n] = fmadd(w * ph, h[n], dCp[n]);
         g[n] = fmadd(w * ph, Cp[n], g[n]);
       }
-      pend += dte * S;
-      ddt_end = fmadd(dp, S, dint * Iacc);
+      const T S = lane_total<T, NP>(pS);
+      pend = dte * S;
+      ddt_end = fmadd(dp, S, dint * lane_total<T, NP>(pI));
     }
-    // Adjoint recurrence over the chunk, newest event first. Per-lane terms of the four sums over
-    // the state go to rows of `lanes`; the sums and the per-event scalars follow the loop, off
-    // the sequential path.
-    T* Pyacc = lanes;
-    T* PsB = lanes + rows * NP;
-    T* PS = lanes + 2 * rows * NP;
-    T* PI = lanes + 3 * rows * NP;
-    for (int64_t t = te - 1; t >= t0; --t) {
-      const int64_t i = t - t0;
-      const T dp = i == 0 ? dprev0 : s.dt[i - 1];
+    // Adjoint recurrence over the chunk, newest event first.
+    for (int64_t i = m - 1; i >= 0; --i) {
+      const int64_t t = t0 + i;
+      const T dp = i == 0 ? dprev0 : s.d[i - 1];
       const T dtt = dtb[t];
       const T sg = dp * dtt;
       const T dtu = s.dtu[i];
       const int64_t p = t > 0 ? t - 1 : 0;
-      const T* Bt = Bb + t * Bs;
-      const T* Ct = Cb + t * Cs;
-      const T* Cp = Cb + p * Cs;
-      const T* hp = s.hprev + i * NP;
-      const T* dc = s.decay + i * NP;
+      const T* __restrict Bt = Bb + t * Bs;
+      const T* __restrict Ct = Cb + t * Cs;
+      const T* __restrict Cp = Cb + p * Cs;
+      const T* __restrict hp = hs + i * NP;
+      const T* __restrict hq = hs + (i + 1) * NP;  // h_t^+
+      const T* __restrict dci = dc + i * NP;
       T* dBt = Bvar ? dB_var + t * NP : dBc;
       T* dCt = Cvar ? dC_var + t * NP : dCc;
       T* dCp = Cvar ? dC_var + p * NP : dCc;
-      const T dy = dout[t] * (z ? z[t] * sigmoid(z[t]) : T(1));
+      const T dy = dyv[i];
       const T dylt = dyl ? dyl[t] : T(0);
       const T w = dint * dtt;
       const T inv_sg = safe_inv(sg);
-      T* ryacc = Pyacc + i * NP;
-      T* rsB = PsB + i * NP;
-      T* rS = PS + i * NP;
-      T* rI = PI + i * NP;
+      T* __restrict ryacc = Pyacc + i * NP;
+      T* __restrict rsB = PsB + i * NP;
+      T* __restrict rS = PS + i * NP;
+      T* __restrict rI = PI + i * NP;
       auto step = [&](auto series) {
         constexpr bool kS = decltype(series)::value;
 #pragma omp simd
         for (int n = 0; n < NP; ++n) {
-          const T e = dc[n], hpn = hp[n];
+          const T e = dci[n], hpn = hp[n];
           const T hm = e * hpn;
-          const T hplus = fmadd(dtu, Bt[n], hm);
+          const T hplus = hq[n];
           ryacc[n] = Ct[n] * hplus;
           dCt[n] = fmadd(dy, hplus, dCt[n]);
           const T gp = fmadd(dy, Ct[n], g[n]);  // adjoint of h_t^+
@@ -429,43 +632,41 @@ void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d, const ChunkScrat
         step(std::true_type{});
       }
     }
-    const int64_t m = te - t0;
-    T* Ryacc = sums;
-    T* RsB = sums + rows;
-    T* RS = sums + 2 * rows;
-    T* RI = sums + 3 * rows;
-    row_sums<T, NP>(Pyacc, m, Ryacc);
+    if (z) row_sums<T, NP>(Pyacc, m, Ryacc);
     row_sums<T, NP>(PsB, m, RsB);
     row_sums<T, NP>(PS, m, RS);
     row_sums<T, NP>(PI, m, RI);
-    for (int64_t t = te - 1; t >= t0; --t) {
-      const int64_t i = t - t0;
-      const T dp = i == 0 ? dprev0 : s.dt[i - 1];
-      const T dtt = dtb[t];
-      const T ut = u[t];
-      T gate = T(1), dgate = T(0);
-      if (z) {
-        const T zt = z[t], sgm = sigmoid(zt);
-        gate = zt * sgm;
-        dgate = sgm * (T(1) + zt * (T(1) - sgm));
-      }
-      const T dy = dout[t] * gate;
+    // Event t's Δ_t decays the gap after it (read out at t + 1): its pending dΔ is dt_{t+1} S_{t+1},
+    // from this chunk or (for the chunk's last event) carried in `pend`.
+    for (int64_t i = 0; i + 1 < m; ++i) nextS[i] = dtb[t0 + i + 1] * RS[i + 1];
+    nextS[m - 1] = pend;
+    const T* ut = u + t0;
+    const T* dtt = dtb + t0;
+    T dD_c = T(0), ddb_c = T(0);
+#pragma omp simd reduction(+ : dD_c, ddb_c)
+    for (int64_t i = 0; i < m; ++i) {
+      const T dp = i == 0 ? dprev0 : s.d[i - 1];
+      const T dy = dyv[i];
       const T sB = RsB[i], S = RS[i];
-      ddt[t] = fmadd(dp, S, dint * RI[i]);
-      if (dz) dz[t] = dout[t] * fmadd(Dd, ut, Ryacc[i]) * dgate;
-      dD_acc = fmadd(dy, ut, dD_acc);
-      du[t] = fmadd(dy, Dd, s.dt[i] * sB);
-      T dstep = fmadd(ut, sB, pend);
-      if (t == 0) {
-        dstep = fmadd(dtt, S, dstep);  // the first gap decays at Δ_1
-        pend = T(0);
-      } else {
-        pend = dtt * S;
-      }
-      const T dd = dstep * s.dsp[i];
-      ddelta[t] = dd;
-      ddb_acc += dd;
+      ddt[t0 + i] = fmadd(dp, S, dint * RI[i]);
+      if (dz) dz[t0 + i] = dout[t0 + i] * fmadd(Dd, ut[i], Ryacc[i]) * dgv[i];
+      dD_c = fmadd(dy, ut[i], dD_c);
+      du[t0 + i] = fmadd(dy, Dd, s.d[i] * sB);
+      const T dd = fmadd(ut[i], sB, nextS[i]) * s.dsp[i];
+      ddelta[t0 + i] = dd;
+      ddb_c += dd;
     }
+    if (t0 == 0) {
+      // The first gap decays at Δ_1 (event 0 here): its dΔ goes to event 0 itself.
+      const T extra = dtt[0] * RS[0] * s.dsp[0];
+      ddelta[0] += extra;
+      ddb_c += extra;
+      pend = T(0);
+    } else {
+      pend = dtt[0] * RS[0];
+    }
+    dD_acc += dD_c;
+    ddb_acc += ddb_c;
   }
 
   for (int64_t n = 0; n < N; ++n) {
