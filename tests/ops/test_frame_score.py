@@ -167,6 +167,34 @@ def test_cpu_splits_long_videos_across_threads():
     check_forward(call(inp, 8, backend="cpu"), inp, 8)
 
 
+@needs_cpp
+@pytest.mark.cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_cpu_split_by_valid_frames(threads, dtype):
+    # The forward cuts the batch's valid frames into one equal share per thread, so the share
+    # boundaries move with the thread count and fall inside videos, next to empty ones, or on a video's
+    # first/last frame. The best frame is duplicated all over two videos: the exact ties straddle the
+    # boundaries and the per-video merge must still return the lowest indices. F = 200 walks every
+    # vector path (a 128-wide register tile, single 16-wide vectors, a scalar tail).
+    inp = make_frame_score_inputs(6, 331, 200, dtype=dtype, seed=21 + threads)
+    inp["lengths"] = torch.tensor([331, 0, 1, 330, 0, 97])
+    for b in (0, 3):
+        best = int(frame_score_ref(**{**to_f64(inp), "k": 1, "temperature": 1.0})[2][b, 0])
+        inp["frames"][b, 5::9] = inp["frames"][b, best]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with poisoned_allocations():
+            out = call(inp, 40, temperature=0.6, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    check_forward(out, inp, 40, temperature=0.6, scale=2.0 if dtype == torch.bfloat16 else 1.0)
+    ref_idx = frame_score_ref(**{**to_f64(inp), "k": 40, "temperature": 0.6})[2]
+    for b in (0, 3):  # the duplicated best frame wins 30+ exact ties: lowest indices first
+        assert torch.equal(out[2][b, :30], ref_idx[b, :30])
+
+
 def test_non_contiguous_and_python_bias():
     inp = make_frame_score_inputs(3, 50, 64, seed=9)
     frames = inp["frames"].transpose(1, 2).contiguous().transpose(1, 2)
