@@ -2,6 +2,10 @@
 
     pytest benchmarks/test_bench_frame_score.py --benchmark-only            # time for real
     pytest benchmarks/test_bench_frame_score.py                             # smoke (tiny shapes)
+    python -m benchmarks.test_bench_frame_score [--rounds 40] [--mode fwd+bwd]
+        # the CPU providers timed in ONE process, round-robin (ours, eager, compile, ours, ...), so
+        # load from other processes hits all of them alike; prints medians, mins, the ratios and the
+        # machine's read bandwidth (torch.sum over 400 MB) as the floor for reading the frames once
 
 Providers: `ours` -- the C++ kernel on CPU tensors, and `triton` / `cuda` on a GPU; `eager` -- scores
 by a matmul, a masked softmax, the weighted sum as a batched matmul, torch.topk + gather; `compile` --
@@ -14,6 +18,8 @@ written once; fwd+bwd adds dframes written once and frames read once more -- and
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -67,19 +73,15 @@ def bytes_moved(batch, T, F, dtype, mode):
     return fwd + 2 * batch * T * F * es + batch * (T * 4 + F * es + K * F * es)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider,device,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
-def test_bench_frame_score(benchmark, provider, device, dtype, shape, mode):
-    if SMOKE and provider == "compile" and mode != "fwd":
-        pytest.skip("smoke: one torch.compile case is enough to keep the provider from rotting")
+def make_run(provider, device, dtype, shape, mode):
+    """The timed callable for one case, or None if the provider's backend is unavailable."""
     batch, T, F = shape
     if provider in ("ours", "triton", "cuda"):
         backend = "cpu" if provider == "ours" else provider
         try:
             resolve_backend("frame_score_fwd", torch.device(device), backend)
-        except BackendUnavailableError as e:
-            pytest.skip(str(e))
+        except BackendUnavailableError:
+            return None
     g = torch.Generator().manual_seed(0)
     frames = torch.randn(batch, T, F, generator=g).to(device=device, dtype=dtype)
     weight = (torch.randn(F, generator=g) / F**0.5).to(device)
@@ -117,6 +119,20 @@ def test_bench_frame_score(benchmark, provider, device, dtype, shape, mode):
 
     if provider == "compile":
         run()  # compile outside the timed rounds (also in smoke mode, where there is no warm-up)
+    run.valid_frames = int(lengths.sum())
+    return run
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider,device,dtype", CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_bench_frame_score(benchmark, provider, device, dtype, shape, mode):
+    if SMOKE and provider == "compile" and mode != "fwd":
+        pytest.skip("smoke: one torch.compile case is enough to keep the provider from rotting")
+    run = make_run(provider, device, dtype, shape, mode)
+    if run is None:
+        pytest.skip(f"{provider}: backend not available on {device}")
+    batch, T, F = shape
     run_pedantic(benchmark, run, device, rounds=3 if SMOKE else 10)
     nbytes = bytes_moved(batch, T, F, dtype, mode)
     mean = benchmark.stats.stats.mean if benchmark.stats is not None else float("nan")
@@ -125,3 +141,56 @@ def test_bench_frame_score(benchmark, provider, device, dtype, shape, mode):
         shape=dict(batch=batch, T=T, F=F, k=K), mode=mode, bytes=nbytes,
         gbps=(nbytes / mean / 1e9) if mean == mean and mean > 0 else None,
     )
+
+
+def read_bandwidth_gbps(rounds: int = 15) -> float:
+    """The machine's read bandwidth with torch's threads: the best of `rounds` sums over 400 MB."""
+    x = torch.ones(100 * 2**20)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--mode", choices=MODES, default="fwd")
+    ap.add_argument("--shapes", default="16x2048x768,64x128x768")
+    ap.add_argument("--providers", default="ours,eager,compile")
+    args = ap.parse_args(argv)
+    providers = args.providers.split(",")
+    bw = read_bandwidth_gbps()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, read bandwidth {bw:.1f} GB/s, "
+          f"mode {args.mode}, rounds {args.rounds}, load average at start {os.getloadavg()[0]:.2f}")
+    for spec in args.shapes.split(","):
+        shape = tuple(int(v) for v in spec.split("x"))
+        runs = {p: make_run(p, "cpu", torch.float32, shape, args.mode) for p in providers}
+        runs = {p: r for p, r in runs.items() if r is not None}
+        for r in runs.values():  # warm-up
+            r()
+        times = {p: [] for p in runs}
+        for _ in range(args.rounds):
+            for p, r in runs.items():
+                t = time.perf_counter()
+                r()
+                times[p].append(time.perf_counter() - t)
+        med = {p: statistics.median(v) for p, v in times.items()}
+        batch, T, F = shape
+        valid = next(iter(runs.values())).valid_frames
+        print(f"({batch}, {T}, {F}) float32 {args.mode}: reading the frames once at {bw:.1f} GB/s takes "
+              f"{batch * T * F * 4 / (bw * 1e9) * 1e3:.2f} ms ({valid * F * 4 / (bw * 1e9) * 1e3:.2f} ms for the "
+              f"{valid} valid frames); load average now {os.getloadavg()[0]:.2f}")
+        for p in runs:
+            line = f"  {p:8s} median {med[p] * 1e3:8.3f} ms   min {min(times[p]) * 1e3:8.3f} ms"
+            if p != "ours" and "ours" in med:
+                line += f"   ours faster by {med[p] / med['ours']:.2f}x (median/median)"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
