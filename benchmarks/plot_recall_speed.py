@@ -37,12 +37,31 @@ def load_rows(path):
 
 
 def table(rows):
-    lines = ["| kind | provider | nprobe | recall@10 | queries/s | build s | memory MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kind | provider | nprobe | recall@10 | queries/s | build s | memory MB | members scanned |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["kind"], r["provider"], r["recall_at_10"])):
+        scanned = r.get("members_scanned")
         lines.append(f"| {r['kind']} | {r['provider']} | {r['nprobe']} | {r['recall_at_10']:.4f} | {r['qps']:.0f} | "
-                     f"{r['build_s']:.1f} | {r['memory_bytes'] / 2**20:.0f} |")
+                     f"{r['build_s']:.1f} | {r['memory_bytes'] / 2**20:.0f} | "
+                     f"{'-' if scanned is None else f'{scanned:.0f}'} |")
     return "\n".join(lines)
+
+
+def refinement_table(rows):
+    """Recall@10 (and members scanned, queries/s) at each nprobe with and without the refinement."""
+    by = {(r["kind"], r["provider"], r["nprobe"]): r for r in rows}
+    lines = ["| kind | nprobe | recall@10 plain | recall@10 refined | gain (points) | scanned plain | scanned refined "
+             "| q/s plain | q/s refined |", "|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(k, p) for k, prov, p in by if prov == "ours_hier"},
+                  key=lambda kp: (kp[0], [int(v) for v in kp[1].strip("()").split(",")]))
+    for kind, p in keys:
+        a, b = by.get((kind, "ours_hier_norefine", p)), by[(kind, "ours_hier", p)]
+        if a is None:
+            continue
+        lines.append(f"| {kind} | {p} | {a['recall_at_10']:.4f} | {b['recall_at_10']:.4f} | "
+                     f"{100 * (b['recall_at_10'] - a['recall_at_10']):+.2f} | {a.get('members_scanned') or 0:.0f} | "
+                     f"{b.get('members_scanned') or 0:.0f} | {a['qps']:.0f} | {b['qps']:.0f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def main(argv=None):
@@ -85,6 +104,9 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     print(table(rows))
+    ref = refinement_table(rows)
+    if ref:
+        print("\nTopology refinement at fixed nprobe:\n" + ref)
     print(f"wrote {args.out}")
 
 
