@@ -73,6 +73,10 @@ _define(
     "bool deterministic) -> (Tensor du, Tensor ddelta, Tensor dA, Tensor dB, Tensor dC, Tensor dD, Tensor dz, "
     "Tensor ddelta_bias, Tensor ddt, Tensor ddt_end, Tensor dinitial_state)"
 )
+# The public wrapper's data checks in one pass without temporaries (CPU only; other devices use torch
+# ops): over x's valid entries (row b of a 2-D x up to lengths[b]; all entries without lengths), the
+# smallest and largest finite value (+inf / -inf when there is none) and the number of NaN/inf values.
+_define("mhp_scan_masked_stats(Tensor x, Tensor? lengths) -> (float, float, int)")
 
 # ----------------------------------------------------------------------------------------------
 # Further ops (frame_score, cluster_lookup/cluster_update) add their schemas below, one section

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -251,9 +253,58 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   return {du, ddelta, dA, dB, dC, dD, dz, ddb, ddt, ddt_end, dinit};
 }
 
+// The wrapper's checks of dt / dt_end / marks in one sequential pass that allocates nothing: on
+// (batch, L) inputs of a few hundred thousand events a masked copy and three torch reductions cost
+// more than the scan itself. Integers are reported as doubles (exact below 2^53).
+template <typename V>
+void masked_stats(const V* p, const int64_t* lens, int64_t rows, int64_t cols, double& lo, double& hi,
+                  int64_t& nonfinite) {
+  constexpr bool kFloat = std::is_floating_point<V>::value;
+  // Branch-free so the loop vectorises: a NaN/inf value is counted and replaced by the running
+  // extreme's neutral element (v - v is 0 exactly for finite v).
+  V mn = std::numeric_limits<V>::max(), mx = std::numeric_limits<V>::lowest();
+  int64_t bad = 0, valid = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = lens ? std::min(std::max<int64_t>(lens[r], 0), cols) : cols;
+    const V* row = p + r * cols;
+    valid += n;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(+ : bad)
+    for (int64_t i = 0; i < n; ++i) {
+      const V v = row[i];
+      bool fin = true;
+      if constexpr (kFloat) fin = (v - v) == V(0);
+      bad += fin ? 0 : 1;
+      mn = std::min(mn, fin ? v : std::numeric_limits<V>::max());
+      mx = std::max(mx, fin ? v : std::numeric_limits<V>::lowest());
+    }
+  }
+  nonfinite = bad;
+  // No finite value reads as (+inf, -inf), not as the type's extremes (which could be real values).
+  lo = valid > bad ? static_cast<double>(mn) : std::numeric_limits<double>::infinity();
+  hi = valid > bad ? static_cast<double>(mx) : -std::numeric_limits<double>::infinity();
+}
+
+std::tuple<double, double, int64_t> mhp_scan_masked_stats_cpu(const Tensor& x, const c10::optional<Tensor>& lengths) {
+  const bool masked = lengths.has_value() && lengths->defined();
+  TORCH_CHECK(!masked || x.dim() == 2, "mhp_scan_masked_stats: x must be (batch, L) with lengths");
+  Tensor xc = x.contiguous();
+  Tensor len_ = masked ? lengths->to(at::kLong).contiguous() : Tensor();
+  TORCH_CHECK(!masked || len_.numel() == x.size(0), "mhp_scan_masked_stats: lengths must be (batch,)");
+  const int64_t rows = masked ? x.size(0) : 1;
+  const int64_t cols = masked ? x.size(1) : x.numel();
+  double lo = 0, hi = 0;
+  int64_t nonfinite = 0;
+  AT_DISPATCH_ALL_TYPES(xc.scalar_type(), "mhp_scan_masked_stats", [&] {
+    masked_stats<scalar_t>(xc.data_ptr<scalar_t>(), masked ? len_.data_ptr<int64_t>() : nullptr, rows, cols, lo,
+                           hi, nonfinite);
+  });
+  return {lo, hi, nonfinite};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mvpp, CPU, m) {
   m.impl("mhp_scan_fwd", &mhp_scan_fwd_cpu);
   m.impl("mhp_scan_bwd", &mhp_scan_bwd_cpu);
+  m.impl("mhp_scan_masked_stats", &mhp_scan_masked_stats_cpu);
 }

@@ -332,6 +332,71 @@ def test_hawkes_head_and_loglik_gradients():
     assert torch.autograd.gradcheck(f, (mu, W, y_left, integral))
 
 
+@pytest.mark.parametrize("dim,K", [(1, 1), (1, 3), (4, 1), (4, 3)])
+def test_hawkes_loglik_matches_event_loop(dim, K):
+    """hawkes_loglik's vectorised paths (dim = K = 1 elementwise, dim = 1 broadcast, matmul + gather)
+    against a per-event Python loop of the formula; padding holds NaN readouts and out-of-range marks,
+    which must not be read; T as a float and as a per-sequence tensor."""
+    g = torch.Generator().manual_seed(40 + 10 * dim + K)
+    batch, L = 3, 7
+    lengths = torch.tensor([7, 4, 0])
+    y_left = torch.rand(batch, dim, L, generator=g, dtype=torch.float64)
+    integral = torch.rand(batch, dim, generator=g, dtype=torch.float64) * 5
+    marks = torch.randint(0, K, (batch, L), generator=g)
+    for b, n in enumerate(lengths.tolist()):
+        y_left[b, :, n:] = float("nan")
+        marks[b, n:] = K + 5
+    mu = torch.rand(K, generator=g, dtype=torch.float64) + 0.1
+    W = torch.rand(K, dim, generator=g, dtype=torch.float64)
+    out = mhp_mod.MhpScanOutput(None, y_left, integral, None)
+    for T in (12.5, torch.tensor([12.5, 9.0, 3.0], dtype=torch.float64)):
+        got = hawkes_loglik(out, marks, mu, W, T, lengths)
+        Tb = T if isinstance(T, torch.Tensor) else torch.full((batch,), T, dtype=torch.float64)
+        for b in range(batch):
+            want = -(float(Tb[b]) * float(mu.sum()) + float(integral[b] @ W.sum(0)))
+            for i in range(int(lengths[b])):
+                k = int(marks[b, i])
+                want += math.log(float(mu[k] + W[k] @ y_left[b, :, i]))
+            assert float(got[b]) == pytest.approx(want, rel=1e-12, abs=1e-12)
+    # Gradients through the same paths (padding left finite here: gradcheck perturbs every entry).
+    y_ok = torch.nan_to_num(y_left, nan=0.5).requires_grad_(True)
+    mu_, W_ = mu.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda m, w, y: hawkes_loglik(mhp_mod.MhpScanOutput(None, y, integral, None), marks, m, w, 12.5, lengths),
+        (mu_, W_, y_ok))
+
+
+@pytest.mark.cpp
+def test_masked_stats_kernel_matches_torch(monkeypatch):
+    """The C++ one-pass check (min / max of the finite valid entries, count of NaN/inf) against torch
+    on floats with NaN/inf inside and outside the valid range, on integers, with and without lengths;
+    and the torch fallback (other devices) against it."""
+    require("cpu")
+    from mvpp_kernels.ops.mhp_scan import hawkes as hawkes_mod
+
+    assert has_compiled_kernel("mhp_scan_masked_stats", "CPU")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 37, generator=g, dtype=torch.float64)
+    x[0, 3], x[1, 30], x[2, 0], x[4, 36] = float("nan"), float("inf"), -float("inf"), float("nan")
+    xi = torch.randint(-4, 9, (5, 37), generator=g, dtype=torch.int32)
+    for X in (x, x.float(), xi, xi.long()):
+        for lengths in (None, torch.tensor([37, 10, 0, 1, 36]), torch.zeros(5, dtype=torch.int64)):
+            got = torch.ops.mvpp.mhp_scan_masked_stats(X, lengths)
+            vals = X if lengths is None else X[torch.arange(37)[None, :] < lengths[:, None]]
+            vals = vals.flatten().double()
+            fin = torch.isfinite(vals)
+            want_lo = float(vals[fin].min()) if fin.any() else math.inf
+            want_hi = float(vals[fin].max()) if fin.any() else -math.inf
+            assert got == (want_lo, want_hi, int((~fin).sum())), (X.dtype, lengths)
+            assert hawkes_mod._masked_stats(X, lengths) == got
+            with monkeypatch.context() as m:
+                m.setattr(hawkes_mod, "_STATS_KERNEL", False)
+                assert hawkes_mod._masked_stats(X, lengths) == got
+    # Non-contiguous input is read in its logical order.
+    assert torch.ops.mvpp.mhp_scan_masked_stats(x.t().contiguous().t(), None)[:2] == (
+        float(x[torch.isfinite(x)].min()), float(x[torch.isfinite(x)].max()))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Every backend against the float64 reference
 # ---------------------------------------------------------------------------------------------
@@ -550,14 +615,15 @@ def test_cpu_backward_deterministic():
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
-def test_bad_gaps_and_lengths():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.cpp)])
+def test_bad_gaps_and_lengths(backend):
     inp = make_inputs(2, 3, 4, 6, lengths=[6, 3])
 
     def bad(match, **changes):
         x = dict(inp)
         x.update(changes)
         with pytest.raises(ValueError, match=match):
-            call(x, "reference")
+            call(x, backend)
 
     neg = inp["dt"].clone()
     neg[0, 2] = -0.1
@@ -580,20 +646,20 @@ def test_bad_gaps_and_lengths():
     bad(r"initial_state must have shape", initial_state=inp["initial_state"][:, :, :2])
     bad(r"A must be <= 0", A=inp["A"].abs())
     with pytest.raises(TypeError, match=r"lengths must be an integer tensor"):
-        call(dict(inp, lengths=torch.tensor([6.0, 3.0])), "reference")
+        call(dict(inp, lengths=torch.tensor([6.0, 3.0])), backend)
     with pytest.raises(TypeError, match=r"dt must have dtype"):
-        call(dict(inp, dt=inp["dt"].half()), "reference")
+        call(dict(inp, dt=inp["dt"].half()), backend)
     # NaN in padding is fine: it is never read.
-    assert torch.isfinite(call(inp, "reference").integral).all()
+    assert torch.isfinite(call(inp, backend).integral).all()
     with pytest.raises(ValueError, match="delta \\+ delta_bias must be >= 0"):
         x = dict(inp)
         mhp_scan(x["u"], -x["delta"].abs() - 1, x["A"], x["B"], x["C"], x["dt"], lengths=x["lengths"],
-                 check_inputs=True, backend="reference")
+                 check_inputs=True, backend=backend)
     u = inp["u"].clone()
     u[1, 2, 1] = float("inf")
     with pytest.raises(ValueError, match=r"u has 1 non-finite value"):
         mhp_scan(u, inp["delta"], inp["A"], inp["B"], inp["C"], inp["dt"], lengths=inp["lengths"],
-                 delta_softplus=True, check_inputs=True, backend="reference")
+                 delta_softplus=True, check_inputs=True, backend=backend)
     if not HAS_CUDA:
         with pytest.raises(mvpp_kernels.BackendUnavailableError):
             call(inp, "cuda")

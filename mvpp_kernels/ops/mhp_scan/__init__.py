@@ -30,7 +30,7 @@ from ..selective_scan import _bwd_fake as _ss_bwd_fake
 from ..selective_scan import reduce_partials
 from ..selective_scan import _fwd_fake as _ss_fwd_fake
 from .reference import mhp_scan_ref, phi
-from .hawkes import HawkesHead, hawkes_intensity, hawkes_loglik
+from .hawkes import HawkesHead, _masked_stats, hawkes_intensity, hawkes_loglik
 
 __all__ = ["mhp_scan", "mhp_scan_ref", "MhpScanOutput", "CHUNK_SIZE", "phi", "hawkes_loglik", "hawkes_intensity",
            "HawkesHead"]
@@ -132,19 +132,21 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------
 # Validation and dispatch
 # ---------------------------------------------------------------------------------------------
-def _check_gaps(name: str, x: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-    """Gaps are durations: finite and >= 0 (0 = tied events). Padding (mask False) is not checked."""
-    vals = x if mask is None else x[mask]
-    if vals.numel() == 0:
+def _check_gaps(name: str, x: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
+    """Gaps are durations: finite and >= 0 (0 = tied events). Padding (past lengths) is not checked.
+    One pass over the valid gaps (_masked_stats); the detail for the message only on error."""
+    if x.numel() == 0:
         return
-    bad = ~torch.isfinite(vals)
-    if bool(bad.any()):
-        raise ValueError(f"{name} must be finite (gaps between event times); it has {int(bad.sum())} "
-                         "NaN/inf value(s) on valid events")
-    neg = vals < 0
-    if bool(neg.any()):
+    lo, _, n_bad = _masked_stats(x, lengths)
+    if n_bad:
+        raise ValueError(f"{name} must be finite (gaps between event times); it has {n_bad} NaN/inf value(s) "
+                         "on valid events")
+    if lo < 0:
+        vals = x.detach()
+        if lengths is not None:
+            vals = vals[torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]]
         raise ValueError(f"{name} must be >= 0 (event times must be non-decreasing and inside the window); "
-                         f"it has {int(neg.sum())} negative value(s), the smallest {float(vals.min())}")
+                         f"it has {int((vals < 0).sum())} negative value(s), the smallest {lo}")
 
 
 def _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_state, delta_softplus,
@@ -197,16 +199,17 @@ def _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_
             lengths = lengths.to(device=dev, dtype=torch.int64)
         return lengths
     lengths = check_lengths("lengths", lengths, batch, L, dev)
-    valid = None if lengths is None else torch.arange(L, device=dev)[None, :] < lengths[:, None]
-    _check_gaps("dt", dt.detach(), valid)
+    _check_gaps("dt", dt, lengths)
     if dt_end is not None:
-        _check_gaps("dt_end", dt_end.detach(), None)
+        _check_gaps("dt_end", dt_end, None)
     # The state must decay, never grow: exp(A Δ dt) with A <= 0 (and Δ >= 0) is what keeps every
     # exponent argument <= 0, so gaps of any length cannot overflow.
-    if bool((A.detach() > 0).any()):
+    if A.numel() and _masked_stats(A)[1] > 0:
         raise ValueError("A must be <= 0 (a decaying state; parametrise it as -exp(A_log)); "
                          f"it has {int((A.detach() > 0).sum())} positive value(s)")
     if check_inputs:
+        valid = None if lengths is None else torch.arange(L, device=dev)[None, :] < lengths[:, None]
+
         def events_only(X):
             # Per-event inputs are checked on valid events only: padding is never read.
             if X is None or valid is None or X.dim() < 3:

@@ -16,6 +16,7 @@ Hawkes process λ(t) = μ + Σ_{t_j < t} α e^{−β (t − t_j)}.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -28,6 +29,38 @@ from ..selective_scan.reference import compute_dtype, expand_groups
 __all__ = ["hawkes_loglik", "hawkes_intensity", "HawkesHead"]
 
 
+_STATS_KERNEL: Optional[bool] = None
+
+
+def _masked_stats(x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> tuple[float, float, int]:
+    """(smallest finite value, largest finite value, number of NaN/inf) over x's valid entries: row b
+    of a (batch, L) x up to lengths[b] (already validated int64), or every entry without lengths.
+    (+inf, -inf, n) when no valid entry is finite. On CPU one C++ pass with no temporaries
+    (mvpp::mhp_scan_masked_stats): the public wrappers' data checks would otherwise cost a masked
+    copy plus several reductions over every event, more than the classic likelihood's scan itself."""
+    global _STATS_KERNEL
+    x = x.detach()
+    if x.device.type == "cpu":
+        if _STATS_KERNEL is None:
+            from ..._backend import has_compiled_kernel
+
+            _STATS_KERNEL = has_compiled_kernel("mhp_scan_masked_stats", "CPU")
+        if _STATS_KERNEL:
+            lo, hi, n_bad = torch.ops.mvpp.mhp_scan_masked_stats(x, lengths)
+            return lo, hi, n_bad
+    if lengths is not None:
+        x = x[torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]]
+    n_bad = 0
+    if x.is_floating_point():
+        finite = torch.isfinite(x)
+        n_bad = int((~finite).sum())
+        x = x[finite]
+    if x.numel() == 0:
+        return math.inf, -math.inf, n_bad
+    lo, hi = torch.aminmax(x)
+    return float(lo), float(hi), n_bad
+
+
 def _check_mu_W(mu: torch.Tensor, W: torch.Tensor, dim: int) -> int:
     check_tensor("mu", mu, ndim=1, dims="(K,): base rate per mark")
     K = mu.shape[0]
@@ -35,12 +68,14 @@ def _check_mu_W(mu: torch.Tensor, W: torch.Tensor, dim: int) -> int:
     if not (mu.is_floating_point() and W.is_floating_point()):
         raise TypeError("mu and W must be floating-point tensors")
     if not torch.compiler.is_compiling():
-        if not bool((mu.detach() > 0).all()):
+        mu_lo, _, mu_bad = _masked_stats(mu)
+        w_lo, _, w_bad = _masked_stats(W)
+        if mu_lo <= 0:
             raise ValueError(f"mu must be > 0 (a base rate; parametrise it with softplus, see HawkesHead); "
-                             f"min is {float(mu.detach().min())}")
-        if not bool((W.detach() >= 0).all()):
-            raise ValueError(f"W must be >= 0 so the intensity stays positive; min is {float(W.detach().min())}")
-        if not bool(torch.isfinite(mu.detach()).all() and torch.isfinite(W.detach()).all()):
+                             f"min is {mu_lo}")
+        if w_lo < 0:
+            raise ValueError(f"W must be >= 0 so the intensity stays positive; min is {w_lo}")
+        if mu_bad or w_bad:
             raise ValueError("mu and W must be finite")
     return K
 
@@ -87,28 +122,44 @@ def hawkes_loglik(
     if marks.is_floating_point() or marks.is_complex() or marks.dtype == torch.bool:
         raise TypeError(f"marks must be an integer tensor, got {marks.dtype}")
     K = _check_mu_W(mu, W, dim)
+    compiling = torch.compiler.is_compiling()
     if lengths is not None:
-        if torch.compiler.is_compiling():
+        if compiling:
             lengths = lengths.to(device=y_left.device, dtype=torch.int64)
         else:
             lengths = check_lengths("lengths", lengths, batch, L, y_left.device)
-    ct = y_left.dtype
-    valid = torch.ones(batch, L, dtype=torch.bool, device=y_left.device)
-    if lengths is not None:
-        valid = torch.arange(L, device=y_left.device)[None, :] < lengths[:, None]
-    marks_v = torch.where(valid, marks.to(torch.int64), torch.zeros((), dtype=torch.int64, device=marks.device))
-    if not torch.compiler.is_compiling() and marks_v.numel():
-        lo, hi = int(marks_v.min()), int(marks_v.max())
+    if not compiling and marks.numel():
+        lo, hi, _ = _masked_stats(marks, lengths)
         if lo < 0 or hi >= K:
-            raise ValueError(f"marks must lie in [0, K={K}) on valid events, got values in [{lo}, {hi}]")
+            raise ValueError(f"marks must lie in [0, K={K}) on valid events, got values in [{int(lo)}, {int(hi)}]")
+    ct = y_left.dtype
     mu_, W_ = mu.to(ct), W.to(ct)
-    T_ = _window(T, batch, y_left)
-    # λ_{k_i}(t_i^-) = μ_{k_i} + W_{k_i} · y_left_i, gathered per event.
-    Wk = W_[marks_v]  # (batch, L, dim)
-    lam = mu_[marks_v] + (Wk * y_left.transpose(1, 2)).sum(-1)
-    lam = torch.where(valid, lam, torch.ones((), dtype=ct, device=lam.device))  # log 1 = 0 on padding
+    # Few (batch, L) temporaries: on CPU each costs about as much as the classic scan itself.
+    invalid = None if lengths is None else torch.arange(L, device=y_left.device)[None, :] >= lengths[:, None]
+    # λ_{k_i}(t_i^-) = μ_{k_i} + W_{k_i} · y_left_i: every mark's W_k · y_left by one matmul, then the
+    # event's own mark (padding may hold any mark: read mark 0 there). One channel: elementwise (a
+    # batched matmul of 1 x 1 matrices costs several times more).
+    if dim == 1 and K == 1:
+        lam = torch.addcmul(mu_, y_left[:, 0], W_[0, 0])
+    else:
+        WY = y_left * W_.view(1, K, 1) if dim == 1 else torch.matmul(W_, y_left)  # (batch, K, L)
+        if K == 1:
+            lam = WY.squeeze(1) + mu_
+        else:
+            idx = marks.to(torch.int64)
+            if invalid is not None:
+                idx = idx.masked_fill(invalid, 0)
+            lam = WY.gather(1, idx.unsqueeze(1)).squeeze(1) + mu_[idx]
+    if invalid is not None:
+        lam = lam.masked_fill_(invalid, 1.0)  # log 1 = 0 on padding (no gradient reaches it)
     log_term = torch.log(lam).sum(-1)
-    compensator = T_ * mu_.sum() + integral @ W_.sum(0)
+    if isinstance(T, (int, float)):
+        if not compiling and not (math.isfinite(T) and T >= 0):
+            raise ValueError("T (the window end) must be finite and >= 0")
+        window_mu = mu_.sum() * T
+    else:
+        window_mu = _window(T, batch, y_left) * mu_.sum()
+    compensator = window_mu + integral @ W_.sum(0)
     return log_term - compensator
 
 
