@@ -234,6 +234,73 @@ def test_cluster_lookup_exclude_and_padding(backend):
     assert torch.equal(torch.isneginf(s), i == -1)
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES + [torch.float64])
+def test_cluster_lookup_tied_centroids(backend, dtype):
+    """Integer centroids tie often: the lower coarse / fine index is probed first, as in the reference."""
+    t = make_tree(500, 16, 6, 20, seed=21, dtype=dtype)
+    g = torch.Generator().manual_seed(22)
+    t["coarse_centroids"] = torch.randint(-1, 2, (6, 16), generator=g).to(dtype)
+    t["fine_centroids"] = torch.randint(-1, 2, (20, 16), generator=g).to(dtype)
+    t["coarse_centroids"][:3] = t["coarse_centroids"][3]  # four identical coarse centroids
+    t["fine_centroids"][5:12] = t["fine_centroids"][4]
+    _, queries = make_memory_bank_data(0, 16, 37, "integer", seed=23, dtype=dtype)
+    for nprobe in [(1, 1), (2, 2), (3, 5), (4, 9), (6, 20)]:
+        want = cluster_lookup(queries, *tree_args(t), 8, nprobe, backend="reference")
+        got = cluster_lookup(queries, *tree_args(t), 8, nprobe, backend=backend)
+        assert_identical(got, want, f"{backend} {dtype} {nprobe}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_cpu_cluster_lookup_large_clusters_many_queries(dtype):
+    """Clusters larger than one scan block (256 rows of d = 256 float32), more queries per cluster than
+    one scan item (128), several routing chunks (32 queries): integer data, identical to the reference."""
+    t = make_tree(3000, 256, 2, 4, seed=24, dtype=dtype)
+    _, queries = make_memory_bank_data(0, 256, 300, "integer", seed=25, dtype=dtype)
+    exclude = t["member_ids"][:300].clone()
+    for nprobe in [(1, 1), (1, 2), (2, 4)]:
+        want = cluster_lookup(queries, *tree_args(t), 10, nprobe, exclude=exclude, backend="reference")
+        with poisoned_allocations():
+            got = cluster_lookup(queries, *tree_args(t), 10, nprobe, exclude=exclude, backend="cpu")
+        assert_identical(got, want, f"{dtype} {nprobe}")
+
+
+@needs_cpp
+def test_cpu_cluster_lookup_query_batches_and_large_k():
+    """k = 1024 makes the kernel split 300 queries into batches (its top-k lists are bounded)."""
+    t = make_tree(2000, 8, 3, 9, seed=26)
+    _, queries = make_memory_bank_data(0, 8, 300, "integer", seed=27)
+    for nprobe in [(2, 4), (3, 9)]:
+        want = cluster_lookup(queries, *tree_args(t), 1024, nprobe, backend="reference")
+        with poisoned_allocations():
+            got = cluster_lookup(queries, *tree_args(t), 1024, nprobe, backend="cpu")
+        assert_identical(got, want, f"k=1024 {nprobe}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_cluster_lookup_independent_of_batch_and_threads(dtype):
+    """Random data (rounding matters): every score is computed in one fixed order, so a query's result
+    is bit-identical alone or in any batch, with 1 or 2 threads."""
+    t = make_tree(4000, 48, 5, 16, seed=28, dtype=dtype, kind="clustered")
+    _, queries = make_memory_bank_data(0, 48, 70, "clustered", seed=29, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = cluster_lookup(queries, *tree_args(t), 10, (3, 7), backend="cpu")
+        torch.set_num_threads(1)
+        one = cluster_lookup(queries, *tree_args(t), 10, (3, 7), backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert_identical(one, full, "1 vs 2 threads")
+    parts = [cluster_lookup(queries[a:a + b], *tree_args(t), 10, (3, 7), backend="cpu")
+             for a, b in [(0, 1), (1, 2), (3, 5), (8, 62)]]
+    assert_identical((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])), full, "batched")
+    assert_valid_topk(cluster_lookup(queries, *tree_args(t), 10, (5, 16), backend="cpu"), keys_by_id(t), queries, 10,
+                      dtype, what="all probed")
+
+
 def test_route_ref_tie_rule():
     """Equal centroid scores: the lower cluster index is probed first."""
     C = torch.ones(4, 2)
