@@ -17,6 +17,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -204,8 +207,8 @@ inline void axpy_block(acc_t* __restrict__ acc, acc_t scale, const acc_t* __rest
   }
 }
 
-// A run is the frames [t0, t1) of video b that one thread scores; a video is cut into several runs only
-// where a thread's share of the batch's valid frames starts or ends.
+// A run is the frames [t0, t1) of video b that one thread processes; a video is cut into several runs
+// only where a thread's share of the batch's valid frames starts or ends.
 struct Run {
   int64_t b, t0, t1;
 };
@@ -214,6 +217,46 @@ struct RunPartial {
   double m, l;  // running max of s / temperature, and sum of exp(s / temperature - m)
   int64_t n_top;
 };
+
+// The batch's valid frames cut into one equal share ("piece") per thread (videos have different
+// lengths, so a split by video would leave one thread idle while another finishes the long ones).
+// Piece p owns runs [piece_begin[p], piece_begin[p + 1]); the runs are in video order and video b
+// owns runs [video_run[b], video_run[b + 1]) (none when its length is 0).
+struct WorkSplit {
+  std::vector<int64_t> lens;
+  std::vector<Run> runs;
+  std::vector<int64_t> piece_begin, video_run;
+  int64_t pieces = 1;
+};
+
+inline WorkSplit split_valid_frames(const int64_t* len_ptr, int64_t B, int64_t T) {
+  WorkSplit w;
+  w.lens.resize(B);
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += w.lens[b] = len_ptr ? len_ptr[b] : T;
+  w.pieces = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinPieceT));
+  w.piece_begin.resize(w.pieces + 1);
+  w.video_run.resize(B + 1);
+  int64_t b = 0, t = 0, done = 0;
+  for (int64_t p = 0; p < w.pieces; ++p) {
+    w.piece_begin[p] = static_cast<int64_t>(w.runs.size());
+    const int64_t stop = total * (p + 1) / w.pieces;
+    while (done < stop) {
+      while (t >= w.lens[b]) ++b, t = 0;
+      const int64_t t1 = std::min(w.lens[b], t + (stop - done));
+      w.runs.push_back(Run{b, t, t1});
+      done += t1 - t;
+      t = t1;
+    }
+  }
+  w.piece_begin[w.pieces] = static_cast<int64_t>(w.runs.size());
+  int64_t r = 0;
+  for (int64_t v = 0; v <= B; ++v) {
+    while (r < static_cast<int64_t>(w.runs.size()) && w.runs[r].b < v) ++r;
+    w.video_run[v] = r;
+  }
+  return w;
+}
 
 template <typename scalar_t>
 void frame_score_fwd_impl(const at::Tensor& frames, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
@@ -235,35 +278,12 @@ void frame_score_fwd_impl(const at::Tensor& frames, const at::Tensor& weight, co
   const int64_t kk = std::min(k, T);  // no video has more than T candidates
   const int64_t pf = kPrefetchBytes;
 
-  // Split the batch's valid frames evenly over the threads (videos have different lengths, so a split
-  // by video would leave one thread idle while the other finishes the long ones).
-  std::vector<int64_t> lens(B);
-  int64_t total = 0;
-  for (int64_t b = 0; b < B; ++b) total += lens[b] = len_ptr ? len_ptr[b] : T;
-  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinPieceT));
-  std::vector<Run> runs;
-  std::vector<int64_t> piece_begin(pieces + 1), video_run(B + 1);
-  {
-    int64_t b = 0, t = 0, done = 0;
-    for (int64_t p = 0; p < pieces; ++p) {
-      piece_begin[p] = static_cast<int64_t>(runs.size());
-      const int64_t stop = total * (p + 1) / pieces;
-      while (done < stop) {
-        while (t >= lens[b]) ++b, t = 0;
-        const int64_t t1 = std::min(lens[b], t + (stop - done));
-        runs.push_back(Run{b, t, t1});
-        done += t1 - t;
-        t = t1;
-      }
-    }
-    piece_begin[pieces] = static_cast<int64_t>(runs.size());
-    // Runs are in video order: video b owns runs [video_run[b], video_run[b + 1]).
-    int64_t r = 0;
-    for (int64_t v = 0; v <= B; ++v) {
-      while (r < static_cast<int64_t>(runs.size()) && runs[r].b < v) ++r;
-      video_run[v] = r;
-    }
-  }
+  const WorkSplit split = split_valid_frames(len_ptr, B, T);
+  const std::vector<Run>& runs = split.runs;
+  const std::vector<int64_t>& lens = split.lens;
+  const std::vector<int64_t>& piece_begin = split.piece_begin;
+  const std::vector<int64_t>& video_run = split.video_run;
+  const int64_t pieces = split.pieces;
   const int64_t n_runs = static_cast<int64_t>(runs.size());
   std::vector<acc_t> acc(n_runs * F);
   std::vector<RunPartial> part(n_runs);
@@ -411,12 +431,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_sco
   return {scores, dense, topk_idx, topk_frames, lse};
 }
 
-// Backward, per video (parallel over the batch):
+// dframes is as large as frames and freshly allocated on every backward: the allocator maps new pages,
+// and first-touching them 4 KB at a time costs more than the arithmetic (measured on the 2-core dev VM:
+// 40-57 ms to allocate and fill 100 MB vs 3-4 ms to refill it). Asking for transparent huge pages on a
+// large buffer (honoured when THP is in "madvise" or "always" mode; a harmless hint otherwise) cuts the
+// page faults 512-fold: the backward at (16, 2048, 768) float32 went from ~65 to ~42 ms on one thread.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
+  if (bytes >= (size_t(16) << 20) && hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// Store W computed values into frames' dtype (bf16/fp16 round to nearest even through c10's casts).
+template <typename scalar_t, typename acc_t>
+inline void storew(scalar_t* p, typename Vec<acc_t>::type v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    __builtin_memcpy(p, &v, sizeof(v));
+  } else {
+    for (int64_t j = 0; j < Vec<acc_t>::W; ++j) p[j] = static_cast<scalar_t>(v[j]);
+  }
+}
+
+// Backward:
 //   p_t = exp(s_t / tau - lse),  g_t = ddense . f_t,  c = sum_t p_t g_t
 //   ds_t = dscores_t + p_t (g_t - c) / tau                    (total gradient of the score)
 //   df_t = p_t ddense + ds_t * ds/df_t + [t selected] dtopk_frames_j
-// with ds/df_t = weight (linear) or W1 (weight * gelu'(a_t)) (MLP). Parameter gradients are per-video
-// partials, summed in Python (deterministic).
+// with ds/df_t = weight (linear) or W1 (weight * gelu'(a_t)) (MLP). Two sweeps over the valid frames,
+// both split like the forward (equal shares of valid frames per thread): g_t and per-run parts of c,
+// then dframes and the parameter partials; padded rows of dframes are zero-filled per video.
+// Parameter gradients are per-video partials, summed in Python (deterministic): a video's first run
+// writes its video's slot, a continuation run (at most one per thread boundary) its own buffer, added
+// to the video's slot in run order afterwards.
 template <typename scalar_t>
 void frame_score_bwd_impl(const at::Tensor& dscores, const at::Tensor& ddense, const at::Tensor& dtopk,
                           const at::Tensor& frames, const at::Tensor& weight, const c10::optional<at::Tensor>& W1,
@@ -424,6 +475,8 @@ void frame_score_bwd_impl(const at::Tensor& dscores, const at::Tensor& ddense, c
                           const at::Tensor& lse, const at::Tensor& topk_idx, double temperature, at::Tensor& dframes,
                           at::Tensor& dweight, at::Tensor& dbias, at::Tensor& dW1, at::Tensor& db1) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using vt = typename Vec<acc_t>::type;
+  constexpr int64_t W = Vec<acc_t>::W;
   const int64_t B = frames.size(0), T = frames.size(1), F = frames.size(2);
   const int64_t k = topk_idx.size(1);
   const bool mlp = W1.has_value();
@@ -445,44 +498,130 @@ void frame_score_bwd_impl(const at::Tensor& dscores, const at::Tensor& ddense, c
   acc_t* db1p = mlp ? db1.data_ptr<acc_t>() : nullptr;
   const acc_t inv_tau = acc_t(1.0 / temperature);
   const int64_t wn = mlp ? H : F;
+  const int64_t pf = kPrefetchBytes;
 
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> dd(F), g(T), row(F), a(std::max<int64_t>(H, 1)), da(std::max<int64_t>(H, 1));
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t len = len_ptr ? len_ptr[b] : T;
+  const WorkSplit split = split_valid_frames(len_ptr, B, T);
+  const std::vector<Run>& runs = split.runs;
+  const int64_t n_runs = static_cast<int64_t>(runs.size());
+
+  std::vector<acc_t> dd(B * F);
+  for (int64_t i = 0; i < B * F; ++i) dd[i] = static_cast<acc_t>(dD[i]);
+  // Which top-k slot (if any) selected frame t of video b: -1 or j.
+  std::vector<int32_t> sel(B * T, -1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t t = I[b * k + j];
+      if (t >= 0 && t < split.lens[b]) sel[b * T + t] = static_cast<int32_t>(j);
+    }
+
+  // Sweep 1: g_t and each run's part of c.
+  std::vector<acc_t> g(B * T);
+  std::vector<double> c_run(n_runs);
+  at::parallel_for(0, split.pieces, 1, [&](int64_t pbegin, int64_t pend) {
+    for (int64_t r = split.piece_begin[pbegin]; r < split.piece_begin[pend]; ++r) {
+      const Run run = runs[r];
+      const scalar_t* Xb = X + run.b * T * F;
+      const acc_t* ddb = dd.data() + run.b * F;
+      acc_t* gb = g.data() + run.b * T;
+      int64_t t = run.t0;
+      for (; t + 8 <= run.t1; t += 8) dot_rows<8>(Xb + t * F, F, ddb, gb + t, pf);
+      for (; t < run.t1; ++t) dot_rows<1>(Xb + t * F, F, ddb, gb + t, pf);
+      const acc_t lse_b = LSE[run.b];
+      acc_t c = 0;
+      for (t = run.t0; t < run.t1; ++t) c += std::exp(S[run.b * T + t] * inv_tau - lse_b) * gb[t];
+      c_run[r] = static_cast<double>(c);
+    }
+  });
+  std::vector<acc_t> c_video(B, acc_t(0));
+  for (int64_t b = 0; b < B; ++b) {
+    double c = 0;
+    for (int64_t r = split.video_run[b]; r < split.video_run[b + 1]; ++r) c += c_run[r];
+    c_video[b] = static_cast<acc_t>(c);
+  }
+
+  // Parameter-partial slots: the video's own for its first run, an extra buffer for later runs.
+  std::vector<int64_t> extra_of(n_runs, -1);
+  int64_t n_extra = 0;
+  for (int64_t r = 0; r < n_runs; ++r)
+    if (r != split.video_run[runs[r].b]) extra_of[r] = n_extra++;
+  std::vector<acc_t> x_dw(n_extra * wn), x_db(n_extra), x_dW1(mlp ? n_extra * F * H : 0), x_db1(mlp ? n_extra * H : 0);
+
+  // Sweep 2: dframes rows and the parameter partials.
+  at::parallel_for(0, split.pieces, 1, [&](int64_t pbegin, int64_t pend) {
+    std::vector<acc_t> row(F), a(std::max<int64_t>(H, 1)), da(std::max<int64_t>(H, 1));
+    for (int64_t r = split.piece_begin[pbegin]; r < split.piece_begin[pend]; ++r) {
+      const Run run = runs[r];
+      const int64_t b = run.b, e = extra_of[r];
+      acc_t* dwr = e < 0 ? dw + b * wn : x_dw.data() + e * wn;
+      acc_t* dbr = e < 0 ? db + b : x_db.data() + e;
+      acc_t* dW1r = !mlp ? nullptr : e < 0 ? dW1p + b * F * H : x_dW1.data() + e * F * H;
+      acc_t* db1r = !mlp ? nullptr : e < 0 ? db1p + b * H : x_db1.data() + e * H;
+      std::fill(dwr, dwr + wn, acc_t(0));
+      if (mlp) {
+        std::fill(dW1r, dW1r + F * H, acc_t(0));
+        std::fill(db1r, db1r + H, acc_t(0));
+      }
       const scalar_t* Xb = X + b * T * F;
       scalar_t* dXb = dX + b * T * F;
-      acc_t* dwb = dw + b * wn;
-      std::fill(dwb, dwb + wn, acc_t(0));
-      if (mlp) {
-        std::fill(dW1p + b * F * H, dW1p + (b + 1) * F * H, acc_t(0));
-        std::fill(db1p + b * H, db1p + (b + 1) * H, acc_t(0));
-      }
-      for (int64_t f = 0; f < F; ++f) dd[f] = static_cast<acc_t>(dD[b * F + f]);
-      const acc_t lse_b = LSE[b];
-      acc_t c = 0;
-      for (int64_t t = 0; t < len; ++t) {
-        g[t] = dot_row(Xb + t * F, dd.data(), F);
-        c += std::exp(S[b * T + t] * inv_tau - lse_b) * g[t];
-      }
-      acc_t dbias_b = 0;
-      for (int64_t t = 0; t < T; ++t) {
-        scalar_t* out = dXb + t * F;
-        if (t >= len) {
-          std::fill(out, out + F, static_cast<scalar_t>(0));
+      const acc_t* ddb = dd.data() + b * F;
+      const acc_t* gb = g.data() + b * T;
+      const int32_t* selb = sel.data() + b * T;
+      const acc_t lse_b = LSE[b], c = c_video[b];
+      acc_t dbias_r = 0;
+      for (int64_t tb = run.t0; tb < run.t1; tb += kBlockT) {
+        const int64_t n = std::min(run.t1, tb + kBlockT) - tb;
+        acc_t ps[kBlockT], dss[kBlockT];
+        const scalar_t* gsel[kBlockT];
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t t = tb + i;
+          ps[i] = std::exp(S[b * T + t] * inv_tau - lse_b);
+          dss[i] = dS[b * T + t] + ps[i] * (gb[t] - c) * inv_tau;
+          dbias_r += dss[i];
+          gsel[i] = selb[t] >= 0 ? dG + (b * k + selb[t]) * F : nullptr;
+        }
+        if (!mlp) {
+          // Row t of dframes = p_t ddense + ds_t weight (+ dtopk_j); dweight += ds_t f_t, with the
+          // dweight tile held in registers across the block's rows.
+          const scalar_t* xb = Xb + tb * F;
+          scalar_t* ob = dXb + tb * F;
+          int64_t f = 0;
+          for (; f + kTile * W <= F; f += kTile * W) {
+            vt acc[kTile], ddv[kTile], wv[kTile];
+#pragma GCC unroll 8
+            for (int j = 0; j < kTile; ++j) {
+              acc[j] = loadw<acc_t, acc_t>(dwr + f + j * W);
+              ddv[j] = loadw<acc_t, acc_t>(ddb + f + j * W);
+              wv[j] = loadw<acc_t, acc_t>(w + f + j * W);
+            }
+            for (int64_t i = 0; i < n; ++i) {
+              const scalar_t* xr = xb + i * F + f;
+              scalar_t* orow = ob + i * F + f;
+#pragma GCC unroll 8
+              for (int j = 0; j < kTile; ++j) {
+                acc[j] += loadw<scalar_t, acc_t>(xr + j * W) * dss[i];
+                vt o = ddv[j] * ps[i] + wv[j] * dss[i];
+                if (gsel[i] != nullptr) o += loadw<scalar_t, acc_t>(gsel[i] + f + j * W);
+                storew<scalar_t, acc_t>(orow + j * W, o);
+              }
+            }
+#pragma GCC unroll 8
+            for (int j = 0; j < kTile; ++j) __builtin_memcpy(dwr + f + j * W, &acc[j], sizeof(vt));
+          }
+          for (; f < F; ++f) {
+            acc_t accf = dwr[f];
+            for (int64_t i = 0; i < n; ++i) {
+              accf += static_cast<acc_t>(xb[i * F + f]) * dss[i];
+              acc_t o = ddb[f] * ps[i] + w[f] * dss[i];
+              if (gsel[i] != nullptr) o += static_cast<acc_t>(gsel[i][f]);
+              ob[i * F + f] = static_cast<scalar_t>(o);
+            }
+            dwr[f] = accf;
+          }
           continue;
         }
-        const scalar_t* x = Xb + t * F;
-        const acc_t p = std::exp(S[b * T + t] * inv_tau - lse_b);
-        const acc_t ds = dS[b * T + t] + p * (g[t] - c) * inv_tau;
-        dbias_b += ds;
-        if (!mlp) {
-#pragma omp simd
-          for (int64_t f = 0; f < F; ++f) {
-            row[f] = p * dd[f] + ds * w[f];
-            dwb[f] += ds * static_cast<acc_t>(x[f]);
-          }
-        } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* x = Xb + (tb + i) * F;
+          const acc_t ds = dss[i], p = ps[i];
           for (int64_t h = 0; h < H; ++h) a[h] = b1p[h];
           for (int64_t f = 0; f < F; ++f) {
             const acc_t xv = static_cast<acc_t>(x[f]);
@@ -491,34 +630,57 @@ void frame_score_bwd_impl(const at::Tensor& dscores, const at::Tensor& ddense, c
             for (int64_t h = 0; h < H; ++h) a[h] += xv * wrow[h];
           }
           for (int64_t h = 0; h < H; ++h) {
-            dwb[h] += ds * gelu_exact(a[h]);
+            dwr[h] += ds * gelu_exact(a[h]);
             da[h] = ds * w[h] * gelu_exact_grad(a[h]);
-            db1p[b * H + h] += da[h];
+            db1r[h] += da[h];
           }
-          acc_t* __restrict__ dW1b = dW1p + b * F * H;
           for (int64_t f = 0; f < F; ++f) {
             const acc_t xv = static_cast<acc_t>(x[f]);
             const acc_t* __restrict__ wrow = W1p + f * H;
-            acc_t* __restrict__ drow = dW1b + f * H;
+            acc_t* __restrict__ drow = dW1r + f * H;
             acc_t s = 0;
 #pragma omp simd reduction(+ : s)
             for (int64_t h = 0; h < H; ++h) {
               drow[h] += xv * da[h];
               s += wrow[h] * da[h];
             }
-            row[f] = p * dd[f] + s;
+            row[f] = p * ddb[f] + s;
           }
+          if (gsel[i] != nullptr)
+            for (int64_t f = 0; f < F; ++f) row[f] += static_cast<acc_t>(gsel[i][f]);
+          scalar_t* out = dXb + (tb + i) * F;
+          for (int64_t f = 0; f < F; ++f) out[f] = static_cast<scalar_t>(row[f]);
         }
-        for (int64_t j = 0; j < k; ++j) {
-          if (I[b * k + j] != t) continue;
-          const scalar_t* gj = dG + (b * k + j) * F;
-          for (int64_t f = 0; f < F; ++f) row[f] += static_cast<acc_t>(gj[f]);
-        }
-        for (int64_t f = 0; f < F; ++f) out[f] = static_cast<scalar_t>(row[f]);
       }
-      db[b] = dbias_b;
+      *dbr = dbias_r;
     }
   });
+
+  // Padded rows of dframes, and the partial slots of videos with no valid frame (no run wrote them).
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(dX + (b * T + split.lens[b]) * F, dX + (b + 1) * T * F, static_cast<scalar_t>(0));
+      if (split.video_run[b] == split.video_run[b + 1]) {
+        std::fill(dw + b * wn, dw + (b + 1) * wn, acc_t(0));
+        db[b] = 0;
+        if (mlp) {
+          std::fill(dW1p + b * F * H, dW1p + (b + 1) * F * H, acc_t(0));
+          std::fill(db1p + b * H, db1p + (b + 1) * H, acc_t(0));
+        }
+      }
+    }
+  });
+  // Continuation runs into their video's slot, in run order (deterministic for a given thread count).
+  for (int64_t r = 0; r < n_runs; ++r) {
+    const int64_t e = extra_of[r], b = runs[r].b;
+    if (e < 0) continue;
+    for (int64_t i = 0; i < wn; ++i) dw[b * wn + i] += x_dw[e * wn + i];
+    db[b] += x_db[e];
+    if (mlp) {
+      for (int64_t i = 0; i < F * H; ++i) dW1p[b * F * H + i] += x_dW1[e * F * H + i];
+      for (int64_t i = 0; i < H; ++i) db1p[b * H + i] += x_db1[e * H + i];
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_score_bwd_cpu(
@@ -548,6 +710,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> frame_sco
   const bool mlp = W1.has_value();
   const int64_t H = mlp ? W1->size(1) : 0;
   auto dframes = at::empty({B, T, F}, frames.options());
+  advise_huge_pages(dframes.data_ptr(), dframes.nbytes());
   auto dweight = at::empty({B, mlp ? H : F}, frames.options().dtype(ct));
   auto dbias = at::empty({B}, frames.options().dtype(ct));
   const std::vector<int64_t> dW1_shape = mlp ? std::vector<int64_t>{B, F, H} : std::vector<int64_t>{0};

@@ -240,6 +240,21 @@ def test_grads_vs_reference(backend, T, F, H, dtype):
     grads_vs_reference(backend, T, F, H, dtype, k=8)
 
 
+@needs_cpp
+@pytest.mark.cpp
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("H", [None, 8])
+def test_cpu_grads_split_by_valid_frames(threads, H):
+    # The backward splits the valid frames like the forward: with 1 thread no video is cut, with 3
+    # threads two videos are (a continuation run's parameter partials are added to its video's slot).
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        grads_vs_reference("cpu", 301, 200, H, torch.float32, k=8, batch=4)
+    finally:
+        torch.set_num_threads(old)
+
+
 def grads_vs_reference(backend, T, F, H, dtype, k, batch=3, device="cpu"):
     inp = make_frame_score_inputs(batch, T, F, H=H, dtype=dtype, seed=T + F, requires_grad=True, device=device)
     ref_inp = to_f64(inp, requires_grad=True)
