@@ -2,6 +2,7 @@
 alone; the classic Hawkes log-likelihood vs tick and hawkesbook.
 
     pytest benchmarks/test_bench_mhp_scan.py --benchmark-only --benchmark-json=benchmarks/results/mhp_scan_cpu.json
+    python -m benchmarks.test_bench_mhp_scan [--threads 1 --cpu-time]   # the CPU targets' ratios, interleaved
 
 Providers (extra_info["provider"]):
 - mhp_scan_<backend>: the fused op (y, y_left and the exact integral in one pass).
@@ -20,6 +21,8 @@ With MVPP_BENCH_SMOKE=1 (a plain `pytest`) every case runs once on tiny shapes.
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import numpy as np
 import pytest
@@ -107,20 +110,9 @@ def _bytes(batch, dim, N, L, elt=4):
     return elt * (3 * batch * dim * L + 2 * batch * N * L + batch * L + 2 * batch * dim * L + batch * dim)
 
 
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider", [f"mhp_scan_{b}" for b in _backends()] + ["eager_baseline"]
-                         + [f"selective_scan_{b}" for b in _backends() if b != "reference"])
-def test_bench_mhp_scan(benchmark, provider, shape, mode):
-    batch, dim, N, L = shape
-    long_shape = L >= 1024
+def make_fn(provider, shape, mode):
+    """The timed callable of one (provider, shape, mode) case (inputs built once, outside it)."""
     backend = provider.rsplit("_", 1)[1] if provider != "eager_baseline" else None
-    if backend and not _available(backend):
-        pytest.skip(f"backend {backend} is not available here")
-    if provider == "mhp_scan_reference" and long_shape and mode == "fwd+bwd":
-        pytest.skip("the reference loops over 2048 events in Python; its fwd+bwd is not a useful number")
-    if provider == "eager_baseline" and long_shape and mode == "fwd+bwd":
-        pytest.skip("the eager baseline's autograd graph needs > 10 GB at this shape (measured fwd only)")
     bwd = mode == "fwd+bwd"
     inp = make_inputs(*shape, requires_grad=bwd)
     u, delta, A, B, C, D, z, bias = (inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
@@ -155,14 +147,33 @@ def test_bench_mhp_scan(benchmark, provider, shape, mode):
         def fn():
             with torch.no_grad():
                 fwd()
+    fn.u = u
+    return fn
 
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", [f"mhp_scan_{b}" for b in _backends()] + ["eager_baseline"]
+                         + [f"selective_scan_{b}" for b in _backends() if b != "reference"])
+def test_bench_mhp_scan(benchmark, provider, shape, mode):
+    batch, dim, N, L = shape
+    long_shape = L >= 1024
+    backend = provider.rsplit("_", 1)[1] if provider != "eager_baseline" else None
+    if backend and not _available(backend):
+        pytest.skip(f"backend {backend} is not available here")
+    if provider == "mhp_scan_reference" and long_shape and mode == "fwd+bwd":
+        pytest.skip("the reference loops over 2048 events in Python; its fwd+bwd is not a useful number")
+    if provider == "eager_baseline" and long_shape and mode == "fwd+bwd":
+        pytest.skip("the eager baseline's autograd graph needs > 10 GB at this shape (measured fwd only)")
+    bwd = mode == "fwd+bwd"
+    fn = make_fn(provider, shape, mode)
     rounds = 1 if (SMOKE or (long_shape and provider in ("eager_baseline", "mhp_scan_reference"))) else 5
     benchmark.extra_info.update(op="mhp_scan", provider=provider, shape=f"{batch}x{dim}x{N}x{L}", dtype="float32",
                                 mode=mode, device=torch.cuda.get_device_name() if HAS_CUDA else "cpu",
                                 threads=torch.get_num_threads())
     if provider.startswith("mhp_scan") and not bwd:
         benchmark.extra_info["bytes"] = _bytes(batch, dim, N, L)
-    run_pedantic(benchmark, fn, u.device, rounds=rounds, warmup_rounds=0 if SMOKE else 1)
+    run_pedantic(benchmark, fn, fn.u.device, rounds=rounds, warmup_rounds=0 if SMOKE else 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,13 +209,9 @@ def _classic_batch(seqs):
                 C=torch.ones(1, 1, dtype=torch.float64), dt=dt, dt_end=dt_end, lengths=lens)
 
 
-@pytest.mark.parametrize("provider", ["mhp_scan_cpu", "tick", "hawkesbook"])
-def test_bench_hawkes_loglik(benchmark, classic_sequences, provider):
-    seqs = classic_sequences
-    n_events = sum(len(s) for s in seqs)
+def make_hawkes_fn(provider, seqs):
+    """The timed callable of one Hawkes log-likelihood provider: (batch,) log-likelihoods of `seqs`."""
     if provider == "mhp_scan_cpu":
-        if not _available("cpu"):
-            pytest.skip("the C++ extension has no mhp_scan kernel")
         x = _classic_batch(seqs)
         marks = torch.zeros_like(x["dt"], dtype=torch.int64)
         mu, W = torch.tensor([MU], dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
@@ -235,7 +242,16 @@ def test_bench_hawkes_loglik(benchmark, classic_sequences, provider):
 
         def fn():
             return np.array([exp_log_likelihood(s, T_END, theta) for s in seqs])
+    return fn
 
+
+@pytest.mark.parametrize("provider", ["mhp_scan_cpu", "tick", "hawkesbook"])
+def test_bench_hawkes_loglik(benchmark, classic_sequences, provider):
+    seqs = classic_sequences
+    n_events = sum(len(s) for s in seqs)
+    if provider == "mhp_scan_cpu" and not _available("cpu"):
+        pytest.skip("the C++ extension has no mhp_scan kernel")
+    fn = make_hawkes_fn(provider, seqs)
     benchmark.extra_info.update(op="hawkes_loglik", provider=provider, shape=f"{len(seqs)} seqs, {n_events} events",
                                 dtype="float64", mode="fwd")
     result = run_pedantic(benchmark, fn, "cpu", rounds=1 if SMOKE else 5, warmup_rounds=0 if SMOKE else 1)
@@ -243,3 +259,74 @@ def test_bench_hawkes_loglik(benchmark, classic_sequences, provider):
 
     want = np.array([exp_log_likelihood(s, T_END, np.array([MU, ALPHA, BETA])) for s in seqs])
     np.testing.assert_allclose(result, want, rtol=1e-8)  # every provider computes the same thing
+
+
+# ---------------------------------------------------------------------------------------------
+# Same-process, interleaved comparison (python -m benchmarks.test_bench_mhp_scan): the CPU targets
+# are ratios (fused op vs selective_scan alone, ours vs tick), and on a shared machine only rounds
+# taken back to back in one process compare fairly.
+# ---------------------------------------------------------------------------------------------
+def _round_robin(fns, rounds, clock):
+    for f in fns.values():  # warm-up
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = clock()
+            f()
+            times[k].append(clock() - t)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="mhp_scan CPU targets: fused op vs selective_scan, ours vs tick")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--shape", default="256x64x16x128")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU time instead of wall time (steadier on a loaded machine; "
+                         "use with --threads 1, where it excludes time spent descheduled)")
+    ap.add_argument("--skip-hawkes", action="store_true")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    shape = tuple(int(v) for v in args.shape.split("x"))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clock "
+          f"{'process CPU time' if args.cpu_time else 'wall'}, rounds {args.rounds}, load average at start "
+          f"{os.getloadavg()[0]:.2f}")
+    for mode in ("fwd", "fwd+bwd"):
+        res = _round_robin({p: make_fn(p, shape, mode) for p in ("mhp_scan_cpu", "selective_scan_cpu")},
+                           args.rounds, clock)
+        (m_med, m_min), (s_med, s_min) = res["mhp_scan_cpu"], res["selective_scan_cpu"]
+        print(f"{args.shape} float32 {mode}: mhp_scan_cpu median {m_med * 1e3:.2f} ms (min {m_min * 1e3:.2f}), "
+              f"selective_scan_cpu median {s_med * 1e3:.2f} ms (min {s_min * 1e3:.2f}); "
+              f"fused / selective_scan = {m_med / s_med:.2f} (median/median), {m_min / s_min:.2f} (min/min)")
+    if not args.skip_hawkes:
+        from tick.hawkes import SimuHawkesExpKernels
+
+        seqs = []
+        for seed in range(N_SEQ):
+            sim = SimuHawkesExpKernels(adjacency=np.array([[ALPHA / BETA]]), decays=np.array([[BETA]]),
+                                       baseline=np.array([MU]), end_time=T_END, seed=seed + 1, verbose=False)
+            sim.simulate()
+            seqs.append(np.ascontiguousarray(sim.timestamps[0], dtype=np.float64))
+        fns = {p: make_hawkes_fn(p, seqs) for p in ("mhp_scan_cpu", "tick", "hawkesbook")}
+        want = fns["hawkesbook"]()
+        for p, f in fns.items():
+            np.testing.assert_allclose(f(), want, rtol=1e-8)
+        res = _round_robin(fns, max(args.rounds, 30), clock)
+        n_events = sum(len(s) for s in seqs)
+        print(f"Hawkes log-likelihood, {len(seqs)} sequences, {n_events} events, float64:")
+        for p, (med, mn) in res.items():
+            line = f"  {p:13s} median {med * 1e3:7.3f} ms (min {mn * 1e3:7.3f})"
+            if p != "mhp_scan_cpu":
+                line += f"   ours faster by {med / res['mhp_scan_cpu'][0]:.2f}x (median/median)"
+            print(line)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
