@@ -15,7 +15,7 @@ for kind in ["clustered", "hard"]:
     keys, qs = make_memory_bank_data(n, 256, q, kind, seed=0)
     _, true = exact_search(keys, qs, 10)
     t = time.perf_counter(); idx = HierarchicalIndex.build(keys, branching=(16, round(nlist / 16)), seed=0); bt = time.perf_counter() - t
-    for p in [(4, 4), (4, 8), (4, 16), (8, 32), (16, 64)]:
+    for p in [(4, 4), (4, 8), (4, 16), (8, 32), (16, 64), (16, 128)]:
         ts = []
         for _ in range(3):
             t0 = time.perf_counter(); _, ids = idx.search(qs, 10, nprobe=p); ts.append(time.perf_counter() - t0)
@@ -23,7 +23,7 @@ for kind in ["clustered", "hard"]:
     x = keys.numpy(); t = time.perf_counter()
     ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(256), 256, nlist, faiss.METRIC_INNER_PRODUCT); ivf.train(x); ivf.add(x)
     bt = time.perf_counter() - t
-    for npb in [2, 4, 8, 16, 32, 64]:
+    for npb in [2, 4, 8, 16, 32, 64, 128]:
         ivf.nprobe = npb; ts = []
         for _ in range(3):
             t0 = time.perf_counter(); _, I = ivf.search(qs.numpy(), 10); ts.append(time.perf_counter() - t0)

@@ -394,44 +394,87 @@ class HierarchicalIndex:
         F = torch.cat(fine_cent)
         parent = torch.cat(fine_parent)
         info["kmeans_s"] = time.perf_counter() - t_start
+        info["max_members_arg"], info["max_fine_clusters_arg"] = max_members, max_fine_clusters
+        index = cls._from_assignment(keys, values, F, parent, C1, assign, metric)
+        index.branching, index.split_factor, index.build_info = (c1, c2), float(split_factor), info
         # 2. topology refinement (module docstring: nearest centroid among the graph neighbours' clusters)
+        if refine and knn > 0:
+            index = index._refined(knn, refine_rounds, knn_nprobe, backend)
+        index._finish_build(index.branching, index.split_factor, index.build_info)
+        index.build_info["build_s"] = time.perf_counter() - t_start
+        return index
+
+    def _finish_build(self, branching, split_factor, info) -> None:
+        """The exemplar cap, split cap and spread baseline of a freshly laid-out tree."""
+        max_members, max_fine_clusters = info["max_members_arg"], info["max_fine_clusters_arg"]
+        sizes = self.fine_offsets.diff()
+        self.max_members = int(max_members) if max_members is not None else max(1, int(sizes.max()))
+        if self.max_members < 1:
+            raise ValueError(f"max_members must be >= 1, got {max_members}")
+        self.max_fine_clusters = int(max_fine_clusters) if max_fine_clusters is not None else 2 * self.n_fine
+        if self.max_fine_clusters < self.n_fine:
+            raise ValueError(f"max_fine_clusters = {self.max_fine_clusters} is below the {self.n_fine} built clusters")
+        self._trim_members()
+        self.branching = tuple(branching)
+        self.split_factor = float(split_factor)
+        spread = self.spreads()
+        nonempty = self.fine_counts > 1
+        self.base_spread = float(spread[nonempty].median()) if bool(nonempty.any()) else 0.0
+        info["n_fine"] = self.n_fine
+        self.build_info = info
+
+    def refine_topology(
+        self,
+        knn: int = 16,
+        rounds: int = 3,
+        knn_nprobe: Optional[tuple[int, int]] = None,
+        *,
+        backend: Optional[str] = None,
+    ) -> "HierarchicalIndex":
+        """A copy of this freshly built index refined with the kNN graph of its keys (the module
+        docstring's rule): build(refine=False) then refine_topology() gives the same index as
+        build(refine=True) (so a benchmark can time both from one k-means). Returns a new index; this one
+        is unchanged. Only for an index straight from `build` that kept every key (before any
+        `update`): the rule needs every key."""
+        n = self.n_members
+        if self.n_items != n or self.next_id != n or self.n_splits or "max_members_arg" not in self.build_info:
+            raise ValueError("refine_topology needs an index straight from HierarchicalIndex.build (before update()) "
+                             "that kept every key (max_members >= its largest cluster)")
+        if not isinstance(knn, int) or knn < 1:
+            raise ValueError(f"knn must be an int >= 1, got {knn!r}")
+        index = self._refined(knn, rounds, knn_nprobe, backend)
+        index._finish_build(self.branching, self.split_factor, index.build_info)
+        index.build_info["build_s"] = self.build_info.get("build_s", 0.0) + index.build_info["refine_s"]
+        return index
+
+    def _refined(self, knn, rounds, knn_nprobe, backend) -> "HierarchicalIndex":
+        """The refined layout of an untrimmed, freshly built tree (every key present, ids 0..n-1)."""
+        n = self.n_members
+        info = dict(self.build_info)
         info["refine_moved"] = []
-        if refine and knn > 0 and n > 1 and F.shape[0] > 1:
-            kk = min(knn, n - 1)
-            t0 = time.perf_counter()
-            idx = cls._from_assignment(keys, values, F, parent, C1, assign, metric)
-            # the approximate kNN graph, found with the freshly built tree itself (each key's own
-            # neighbourhood of clusters), once: the graph is a property of the keys, not of the tree
-            probe = knn_nprobe or (min(c1, 2), min(idx.n_fine, 8))
-            _, nbr = idx.search(keys, kk, nprobe=probe, exclude=torch.arange(n, device=dev),
-                                backend=backend, check_inputs=False)
+        t0 = time.perf_counter()
+        order = torch.argsort(self.member_ids)  # ids are 0..n-1 after build: back to the input order
+        keys, values = self.member_keys[order], self.member_values[order]
+        assign = self._member_cluster()[order]
+        cd = compute_dtype(keys.dtype)
+        x = keys.to(cd)
+        F = self.fine_centroids.to(cd)  # the tree's routing centroids (its members' means)
+        if n > 1 and self.n_fine > 1:
+            # the approximate kNN graph, found with the tree itself (each key's own neighbourhood of
+            # clusters), once: the graph is a property of the keys, not of the tree
+            probe = knn_nprobe or (min(self.n_coarse, 2), min(self.n_fine, 8))
+            _, nbr = self.search(keys, min(knn, n - 1), nprobe=probe, exclude=torch.arange(n, device=self.device),
+                                 backend=backend, check_inputs=False)
             info["knn_graph_s"] = time.perf_counter() - t0
-            # the routing centroids of the tree (the members' means), re-centred after every round
-            F = idx.fine_centroids.to(cd)
-            del idx
-            for r in range(refine_rounds):
-                moved = cls._refine_step(x, assign, nbr, F)
+            for _ in range(rounds):
+                moved = self._refine_step(x, assign, nbr, F)
                 info["refine_moved"].append(moved)
                 if moved == 0:
                     break
-                F = cls._recentre(x, assign, F, spherical)
-            info["refine_s"] = time.perf_counter() - t0
-        index = cls._from_assignment(keys, values, F, parent, C1, assign, metric)
-        sizes = index.fine_offsets.diff()
-        index.max_members = int(max_members) if max_members is not None else max(1, int(sizes.max()))
-        if index.max_members < 1:
-            raise ValueError(f"max_members must be >= 1, got {max_members}")
-        index.max_fine_clusters = int(max_fine_clusters) if max_fine_clusters is not None else 2 * index.n_fine
-        if index.max_fine_clusters < index.n_fine:
-            raise ValueError(f"max_fine_clusters = {index.max_fine_clusters} is below the {index.n_fine} built clusters")
-        index._trim_members()
-        index.branching = (c1, c2)
-        index.split_factor = float(split_factor)
-        spread = index.spreads()
-        nonempty = index.fine_counts > 1
-        index.base_spread = float(spread[nonempty].median()) if bool(nonempty.any()) else 0.0
-        info["n_fine"] = index.n_fine
-        info["build_s"] = time.perf_counter() - t_start
+                F = self._recentre(x, assign, F, self.metric == "cosine")
+        index = self._from_assignment(keys, values, F, self._parents(), self.coarse_centroids, assign, self.metric)
+        index.branching, index.split_factor = self.branching, self.split_factor
+        info["refine_s"] = time.perf_counter() - t0
         index.build_info = info
         return index
 
@@ -444,18 +487,29 @@ class HierarchicalIndex:
         (ties: its own cluster, then the earlier neighbour)."""
         n = x.shape[0]
         new = assign.clone()
-        sq = F.dtype != x.dtype
+        F = F.to(x.dtype)
+        fn = (F * F).sum(1)
+        # items grouped by cluster: a block's candidates are then a few hundred distinct clusters, scored
+        # with one GEMM instead of gathering 1 + knn centroid rows per item
+        order = torch.argsort(assign, stable=True)
+        present = torch.zeros(F.shape[0], dtype=torch.bool, device=x.device)
+        column = torch.empty(F.shape[0], dtype=torch.int64, device=x.device)
         for a in range(0, n, block):
-            nb = nbr[a:a + block]
-            own = assign[a:a + block]
+            items = order[a:a + block]
+            own = assign[items]
+            nb = nbr[items]
             cand = torch.cat([own[:, None], torch.where(nb >= 0, assign[nb.clamp_min(0)], own[:, None])], 1)
-            xb = x[a:a + block]
+            # distinct candidates and each one's column (torch.unique sorts: far slower on CPU)
+            present.zero_()
+            present[cand] = True
+            uniq = present.nonzero().squeeze(1)
+            column[uniq] = torch.arange(uniq.numel(), device=x.device)
+            inv = column[cand]
             # ||x - F_c||^2 up to the item's own ||x||^2: ||F_c||^2 - 2 <x, F_c>
-            Fc = F[cand].to(x.dtype) if sq else F[cand]
-            dist = (Fc * Fc).sum(2) - 2 * torch.einsum("bd,bcd->bc", xb, Fc)
+            dist = fn[uniq][inv] - 2 * (x[items] @ F[uniq].T).gather(1, inv)
             best = dist.argmin(1, keepdim=True)  # first minimum: the own cluster wins ties
             strictly = dist.gather(1, best).squeeze(1) < dist[:, 0]
-            new[a:a + block] = torch.where(strictly, cand.gather(1, best).squeeze(1), own)
+            new[items] = torch.where(strictly, cand.gather(1, best).squeeze(1), own)
         moved = int((new != assign).sum())
         assign.copy_(new)
         return moved

@@ -93,12 +93,30 @@ def test_topology_refinement_raises_recall():
             gains.append(r_ref - r_plain)
         # the gain is not bought with larger clusters: the biggest fine cluster does not grow much
         scanned.append((int(refined.fine_offsets.diff().max()), int(plain.fine_offsets.diff().max())))
+        # build(refine=False) + refine_topology() is the same index as build(refine=True)
+        again = plain.refine_topology()
+        for name in ("member_keys", "member_ids", "fine_offsets", "coarse_offsets", "fine_centroids",
+                     "coarse_centroids", "fine_mean", "fine_counts"):
+            assert torch.equal(getattr(again, name), getattr(refined, name)), name
     mean_gain = sum(gains) / len(gains)
     print(f"recall@10 gain per (seed, probe): {[round(g, 4) for g in gains]}, mean {mean_gain:.4f}")
     assert mean_gain >= 0.008, gains
     assert sum(g > 0 for g in gains) >= 0.8 * len(gains), gains
     for big_ref, big_plain in scanned:
         assert big_ref <= 1.25 * big_plain, scanned
+
+
+def test_refine_topology_needs_a_fresh_complete_index(hard_bank):
+    keys, _ = hard_bank
+    idx = HierarchicalIndex.build(keys[:600], branching=(2, 4), seed=0, refine=False)
+    idx.update(keys[600:700])
+    with pytest.raises(ValueError, match="straight from HierarchicalIndex.build"):
+        idx.refine_topology()
+    capped = HierarchicalIndex.build(keys[:600], branching=(2, 4), seed=0, refine=False, max_members=10)
+    with pytest.raises(ValueError, match="kept every key"):
+        capped.refine_topology()
+    with pytest.raises(ValueError, match="knn"):
+        HierarchicalIndex.build(keys[:600], branching=(2, 4), seed=0, refine=False).refine_topology(knn=0)
 
 
 def test_kmeans_seeded_and_correct():
