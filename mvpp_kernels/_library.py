@@ -150,7 +150,12 @@ def _load_compiled() -> None:
     if os.environ.get("MVPP_NO_COMPILED", "0") == "1":
         _COMPILED["error"] = "disabled by MVPP_NO_COMPILED=1"
         return
-    paths = _find_compiled()
+    # MVPP_COMPILED_LIB: load this library instead of the package's _C (the portable-build test uses it).
+    override = os.environ.get("MVPP_COMPILED_LIB")
+    paths = [override] if override else _find_compiled()
+    if override and not os.path.isfile(override):
+        _COMPILED["error"] = f"MVPP_COMPILED_LIB={override!r} is not a file"
+        return
     if not paths:
         _COMPILED["error"] = "not built (pip install --no-build-isolation -e . builds it)"
         return
@@ -168,6 +173,19 @@ def _load_compiled() -> None:
         return
     _COMPILED["loaded"] = True
     _COMPILED["path"] = paths[0]
+    _COMPILED["isa"] = compiled_isa(paths[0])
+
+
+def compiled_isa(path: str) -> str:
+    """The vector ISA the library at `path` was compiled for (its CPU kernels choose loops by it)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(path).mvpp_compiled_isa
+    except (OSError, AttributeError):  # an older build without the probe
+        return "unknown"
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def compiled_loaded() -> bool:
@@ -190,7 +208,7 @@ def compiled_status() -> str:
     if _COMPILED["loaded"]:
         info = build_info()
         cuda = "with CUDA kernels" if info.get("cuda") else f"CPU kernels only; CUDA not built: {info.get('cuda_reason', 'unknown')}"
-        return f"loaded from {_COMPILED['path']} ({cuda})"
+        return f"loaded from {_COMPILED['path']} ({cuda}; CPU ISA: {_COMPILED.get('isa', 'unknown')})"
     return str(_COMPILED["error"])
 
 
