@@ -321,7 +321,7 @@ inline __m512 dot_tile(const float* const* q, const kt* const* key, int64_t d) {
 // MQ queries against keys [0, nk) (rows of `keys`, ids ids[j] or base + j) into their top-k lists.
 template <int MQ, typename kt>
 void scan_group(const float* const* q, float* const* ls, int64_t* const* li, const int64_t* ex, const kt* keys,
-                int64_t nk, int64_t d, const int64_t* ids, int64_t base, int k) {
+                int64_t nk, int64_t d, const int64_t* ids, int64_t base, int k, bool prefetch) {
   constexpr int NK = 16 / MQ;
   alignas(64) int32_t lane_q[16];
   alignas(64) float thr[16] = {};
@@ -334,6 +334,10 @@ void scan_group(const float* const* q, float* const* ls, int64_t* const* li, con
   for (int64_t j0 = 0; j0 < nk; j0 += NK) {
     const int64_t nv = std::min<int64_t>(NK, nk - j0);
     for (int j = 0; j < NK; ++j) kp[j] = keys + (j0 + std::min<int64_t>(j, nv - 1)) * d;
+    if (prefetch && j0 + 3 * NK <= nk) {
+      const char* nx = reinterpret_cast<const char*>(keys + (j0 + 2 * NK) * d);
+      for (int64_t b = 0; b < NK * d * (int64_t)sizeof(kt); b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
+    }
     // + 0: -0 -> +0, the sign of zero never decides a tie
     const __m512 f = _mm512_add_ps(dot_tile<MQ, kt>(q, kp, d), zero);
     // not-less-than: candidates equal to the k-th score may still win on id; NaN goes on to be refused
@@ -369,10 +373,11 @@ void scan_keys(const acc_t* const* q, acc_t* const* ls, int64_t* const* li, cons
                const kt* keys, int64_t nk, int64_t d, const int64_t* ids, int64_t base, int k) {
 #if MVPP_CL_AVX512
   if constexpr (std::is_same<acc_t, float>::value) {
+    // the first pass over the keys brings them from memory: prefetch the next tile's rows
     int64_t i = 0;
-    for (; i + 4 <= nq; i += 4) scan_group<4, kt>(q + i, ls + i, li + i, ex + i, keys, nk, d, ids, base, k);
-    for (; i + 2 <= nq; i += 2) scan_group<2, kt>(q + i, ls + i, li + i, ex + i, keys, nk, d, ids, base, k);
-    for (; i < nq; ++i) scan_group<1, kt>(q + i, ls + i, li + i, ex + i, keys, nk, d, ids, base, k);
+    for (; i + 4 <= nq; i += 4) scan_group<4, kt>(q + i, ls + i, li + i, ex + i, keys, nk, d, ids, base, k, i == 0);
+    for (; i + 2 <= nq; i += 2) scan_group<2, kt>(q + i, ls + i, li + i, ex + i, keys, nk, d, ids, base, k, i == 0);
+    for (; i < nq; ++i) scan_group<1, kt>(q + i, ls + i, li + i, ex + i, keys, nk, d, ids, base, k, i == 0);
     return;
   }
 #endif
