@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "mvpp/topk_select.h"
@@ -214,11 +215,13 @@ std::tuple<at::Tensor, at::Tensor> exact_search_cpu(const at::Tensor& keys_, con
 // ---------------------------------------------------------------------------------------------
 // cluster_lookup
 //
-// One OpenMP region per batch of queries, in three phases separated by barriers; inside each phase
-// threads claim work items from an atomic counter, so a thread the OS deschedules (the machine is
-// shared) delays the others by at most the item it holds, never by a static share of the phase:
+// One OpenMP region per batch of queries, in three phases (ordered by completion counts, not barriers:
+// see Phase); inside each phase threads claim work items from an atomic counter, so a thread the OS
+// deschedules (the machine is shared) delays the others by at most the item it holds, never by a
+// static share of the phase:
 //   1. routing, per chunk of queries: coarse scores -> top-p1; the children of those coarse clusters
 //      (grouped by coarse cluster within the chunk) -> top-p2 fine clusters ("probes");
+//   (the thread that finishes the last routing chunk inverts the probes: per fine cluster, its queries)
 //   2. scan, cluster-major: one item = a block of a probed fine cluster's members x a block of the
 //      queries that probe it. The member keys are read once per batch of queries and scored by a
 //      register-tiled kernel (below) straight from their storage (float32/bf16/fp16, converted in
@@ -446,6 +449,30 @@ inline void claim_items(std::atomic<int64_t>& next, int64_t n, const F& fn) {
     fn(i);
 }
 
+// A phase of work items claimed by whichever threads are running. Phases are ordered by completion
+// counts, not by barriers: a barrier also waits for a thread that the OS has not scheduled yet (on a
+// shared machine, for a whole time slice, several times per call), while here a late thread finds
+// the finished phases done and joins wherever the others are, and the running threads never wait for
+// it. They only wait for items in progress.
+struct Phase {
+  std::atomic<int64_t> next{0}, done{0};
+  // Runs claimed items; on_last() runs once, in the thread that completes the last item.
+  template <typename F, typename G>
+  void run(int64_t n, const F& fn, const G& on_last) {
+    claim_items(next, n, [&](int64_t i) {
+      fn(i);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == n) on_last();
+    });
+  }
+  template <typename F>
+  void run(int64_t n, const F& fn) {
+    run(n, fn, [] {});
+  }
+  void wait(int64_t n) const {
+    while (done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  }
+};
+
 struct ScanItem {
   int64_t r0, r1, q0, q1;  // member rows [r0, r1) x the queries inv_q[q0, q1) that probe their cluster
 };
@@ -488,14 +515,15 @@ void cluster_lookup_impl(const at::Tensor& queries, const at::Tensor& coarse_, c
     const int64_t qn = std::min(qb, q - qa);
     const acc_t* Qb = Qf + qa * d;
     const int64_t* ex = ex_all ? ex_all + qa : no_ex.data();
-    std::atomic<int64_t> next_route{0}, next_scan{0}, next_merge{0};
-    int used_threads = 1;
+    // every thread's lists, before the region: a thread that never gets to run still has valid ones
+    for (int64_t i = 0; i < nt * qn; ++i) topk_init(lists_s.data() + i * K, lists_i.data() + i * K, K);
+    Phase route, scan, merge;
+    std::atomic<int> inverted{0};
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num();
       acc_t* my_s = lists_s.data() + (size_t)tid * qn * K;
       int64_t* my_i = lists_i.data() + (size_t)tid * qn * K;
-      for (int64_t i = 0; i < qn; ++i) topk_init(my_s + i * K, my_i + i * K, K);
       std::vector<const acc_t*> qrow(std::max<int64_t>(kRouteChunk * P1, kScanQueries));
       std::vector<acc_t*> lsp(qrow.size());
       std::vector<int64_t*> lip(qrow.size());
@@ -508,7 +536,29 @@ void cluster_lookup_impl(const at::Tensor& queries, const at::Tensor& coarse_, c
             pair_q(kRouteChunk * P1), pair_pos(kRouteChunk * P1), pos(kRouteChunk * P1), qoff(kRouteChunk + 1);
         std::vector<std::pair<acc_t, int64_t>> sel;
         for (int64_t c = 0; c < c1; ++c) iota_c[c] = c;
-        claim_items(next_route, (qn + kRouteChunk - 1) / kRouteChunk, [&](int64_t chunk) {
+        const auto invert = [&] {
+          // per fine cluster, the queries that probe it (in query order), cut into scan items
+          std::fill(inv_off.begin(), inv_off.end(), 0);
+          for (int64_t j = 0; j < qn * P2; ++j)
+            if (probes[j] >= 0) ++inv_off[probes[j] + 1];
+          for (int64_t f = 0; f < cf; ++f) inv_off[f + 1] += inv_off[f];
+          std::vector<int64_t> fill(inv_off.begin(), inv_off.end() - 1);
+          for (int64_t j = 0; j < qn * P2; ++j)
+            if (probes[j] >= 0) inv_q[fill[probes[j]]++] = j / P2;
+          items.clear();
+          for (int64_t f = 0; f < cf; ++f) {
+            if (inv_off[f + 1] == inv_off[f]) continue;
+            for (int64_t r = foff[f]; r < foff[f + 1]; r += scan_rows)
+              for (int64_t j = inv_off[f]; j < inv_off[f + 1]; j += kScanQueries)
+                items.push_back({r, std::min(foff[f + 1], r + scan_rows), j, std::min(inv_off[f + 1], j + kScanQueries)});
+          }
+          // largest first: the last items to be claimed are small, so threads finish together
+          std::stable_sort(items.begin(), items.end(), [](const ScanItem& x, const ScanItem& y) {
+            return (x.r1 - x.r0) * (x.q1 - x.q0) > (y.r1 - y.r0) * (y.q1 - y.q0);
+          });
+          inverted.store(1, std::memory_order_release);
+        };
+        route.run((qn + kRouteChunk - 1) / kRouteChunk, [&](int64_t chunk) {
           const int64_t i0 = chunk * kRouteChunk, nc = std::min(kRouteChunk, qn - i0);
           for (int64_t i = 0; i < nc; ++i) {
             qrow[i] = Qb + (i0 + i) * d;
@@ -559,34 +609,12 @@ void cluster_lookup_impl(const at::Tensor& queries, const at::Tensor& coarse_, c
                                              pr, sel);
             for (int64_t t = m; t < P2; ++t) pr[t] = -1;
           }
-        });
+        }, invert);
       }
-#pragma omp barrier
-#pragma omp single
-      {
-        used_threads = omp_get_num_threads();
-        // invert: per fine cluster, the queries that probe it (in query order)
-        std::fill(inv_off.begin(), inv_off.end(), 0);
-        for (int64_t j = 0; j < qn * P2; ++j)
-          if (probes[j] >= 0) ++inv_off[probes[j] + 1];
-        for (int64_t f = 0; f < cf; ++f) inv_off[f + 1] += inv_off[f];
-        std::vector<int64_t> fill(inv_off.begin(), inv_off.end() - 1);
-        for (int64_t j = 0; j < qn * P2; ++j)
-          if (probes[j] >= 0) inv_q[fill[probes[j]]++] = j / P2;
-        items.clear();
-        for (int64_t f = 0; f < cf; ++f) {
-          if (inv_off[f + 1] == inv_off[f]) continue;
-          for (int64_t r = foff[f]; r < foff[f + 1]; r += scan_rows)
-            for (int64_t j = inv_off[f]; j < inv_off[f + 1]; j += kScanQueries)
-              items.push_back({r, std::min(foff[f + 1], r + scan_rows), j, std::min(inv_off[f + 1], j + kScanQueries)});
-        }
-        // largest first: the last items to be claimed are small, so threads finish together
-        std::stable_sort(items.begin(), items.end(), [](const ScanItem& x, const ScanItem& y) {
-          return (x.r1 - x.r0) * (x.q1 - x.q0) > (y.r1 - y.r0) * (y.q1 - y.q0);
-        });
-      }
+      while (!inverted.load(std::memory_order_acquire)) std::this_thread::yield();
       // 2. scan
-      claim_items(next_scan, (int64_t)items.size(), [&](int64_t w) {
+      const int64_t n_items = (int64_t)items.size();
+      scan.run(n_items, [&](int64_t w) {
         const ScanItem& it = items[w];
         const int64_t nq = it.q1 - it.q0;
         for (int64_t j = 0; j < nq; ++j) {
@@ -599,15 +627,15 @@ void cluster_lookup_impl(const at::Tensor& queries, const at::Tensor& coarse_, c
         scan_keys<acc_t, scalar_t>(qrow.data(), lsp.data(), lip.data(), exq.data(), nq, kp + it.r0 * d,
                                    it.r1 - it.r0, d, ip + it.r0, 0, K);
       });
-#pragma omp barrier
+      scan.wait(n_items);
       // 3. merge the threads' lists
-      claim_items(next_merge, (qn + kMergeChunk - 1) / kMergeChunk, [&](int64_t chunk) {
+      merge.run((qn + kMergeChunk - 1) / kMergeChunk, [&](int64_t chunk) {
         for (int64_t i = chunk * kMergeChunk; i < std::min(qn, (chunk + 1) * kMergeChunk); ++i) {
           acc_t* s = os + (qa + i) * K;
           int64_t* id = oi + (qa + i) * K;
           std::memcpy(s, lists_s.data() + i * K, K * sizeof(acc_t));
           std::memcpy(id, lists_i.data() + i * K, K * sizeof(int64_t));
-          for (int t = 1; t < used_threads; ++t) {
+          for (int t = 1; t < nt; ++t) {
             const acc_t* ts = lists_s.data() + ((size_t)t * qn + i) * K;
             const int64_t* ti = lists_i.data() + ((size_t)t * qn + i) * K;
             for (int j = 0; j < K && ti[j] != kNoId; ++j) topk_insert(s, id, K, ts[j], ti[j]);
