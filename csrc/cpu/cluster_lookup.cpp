@@ -43,8 +43,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace mvpp {
 namespace {
 
-constexpr int64_t kQChunk = 128;   // queries per tile
-constexpr int64_t kKBlock = 1024;  // keys per tile
+constexpr int64_t kQChunk = 256;   // queries per tile
+constexpr int64_t kKBlock = 512;   // keys per tile
 
 // S (nq x nk, row-major) = Q (nq x d, row-major) . K (nk x d, row-major)^T
 inline void gemm_qkT(const float* Q, const float* K, float* S, int64_t nq, int64_t nk, int64_t d) {
@@ -105,7 +105,25 @@ void scan_range(const acc_t* Qf, int64_t d, const int64_t* qlist, const int64_t*
         acc_t* s = &ts[i * k];
         int64_t* id = &ti[i * k];
         const acc_t* row = &sbuf[i * nb];
-        for (int64_t j = 0; j < nb; ++j) {
+        int64_t j = 0;
+#if MVPP_CL_AVX512
+        if constexpr (std::is_same<acc_t, float>::value) {
+          // 16 scores per compare with the k-th: almost no block holds a candidate for the running top-k
+          for (; j + 16 <= nb; j += 16) {
+            __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), _mm512_set1_ps(s[k - 1]), _CMP_NLT_UQ);
+            while (m) {
+              const int l = __builtin_ctz(m);
+              m &= m - 1;
+              const acc_t v = row[j + l] + acc_t(0);
+              if (v < s[k - 1]) continue;  // the k-th moved up since the compare
+              const int64_t gid = ids ? ids[b0 + j + l] : b0 + j + l;
+              if (gid == ex) continue;
+              topk_insert(s, id, (int)k, v, gid);
+            }
+          }
+        }
+#endif
+        for (; j < nb; ++j) {
           const acc_t v = row[j] + acc_t(0);  // -0 -> +0: the sign of zero never decides a tie
           if (v < s[k - 1]) continue;  // the common case: not in the running top-k
           const int64_t gid = ids ? ids[b0 + j] : b0 + j;
