@@ -472,3 +472,16 @@ def test_cluster_lookup_bad_input():
     bad["member_ids"] = t["member_ids"][:-1]
     with pytest.raises(ValueError, match="member_ids must have shape"):
         cluster_lookup(queries, *tree_args(bad), 3, (1, 1))
+    # check_inputs: +-inf and NaN found by the one-reduction check, then named by the full one
+    bad = dict(t)
+    bad["member_keys"] = t["member_keys"].clone()
+    bad["member_keys"][3, 1] = float("inf")
+    with pytest.raises(ValueError, match="member_keys has 1 non-finite"):
+        cluster_lookup(queries, *tree_args(bad), 3, (1, 1), check_inputs=True)
+    bad_q = queries.clone()
+    bad_q[1, 2] = -float("inf")
+    with pytest.raises(ValueError, match=r"queries has 1 non-finite value\(s\) \(NaN or inf\), first at index \(1, 2\)"):
+        cluster_lookup(bad_q, *tree_args(t), 3, (1, 1), check_inputs=True)
+    bad_q[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="queries has 1 non-finite"):
+        exact_search(t["member_keys"], bad_q, 3)

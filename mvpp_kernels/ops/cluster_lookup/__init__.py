@@ -11,8 +11,8 @@ import torch
 
 from ... import _library  # noqa: F401  (defines mvpp::cluster_lookup)
 from ..._backend import BackendUnavailableError, register_op_info, resolve_backend
-from ..._checks import FLOAT_DTYPES, check_finite, check_tensor
-from ..exact_search import MAX_ID, MAX_K_KERNEL, check_exclude
+from ..._checks import FLOAT_DTYPES, check_tensor
+from ..exact_search import MAX_ID, MAX_K_KERNEL, check_exclude, check_finite_fast
 from ..exact_search.reference import compute_dtype
 from .reference import cluster_lookup_ref, route_ref
 
@@ -122,8 +122,8 @@ def cluster_lookup(
         if t.device != member_keys.device:
             raise ValueError(f"{name} is on {t.device} but member_keys is on {member_keys.device}")
     if check_inputs and not torch.compiler.is_compiling():
-        check_finite("queries", queries)
-        check_finite("member_keys", member_keys)
+        check_finite_fast("queries", queries)
+        check_finite_fast("member_keys", member_keys)
     ex = check_exclude(exclude, queries.shape[0], member_keys.device)
     dt = member_keys.dtype
     args = (queries.to(dt).contiguous(), coarse_centroids.to(dt).contiguous(), coarse_offsets.to(torch.int64).contiguous(),

@@ -55,6 +55,17 @@ def check_exclude(exclude, q: int, device) -> Optional[torch.Tensor]:
     return exclude.to(device=device, dtype=torch.int64).contiguous()
 
 
+def check_finite_fast(name: str, t: torch.Tensor) -> None:
+    """check_finite's verdict, from one reduction (min and max propagate NaN and show +-inf) in the
+    common all-finite case: check_finite's elementwise mask costs ~100 ms on a 100k x 256 bank, a third
+    of an exact search over it. The slow check runs only to name what is wrong."""
+    if t.numel() and t.is_floating_point():
+        lo, hi = torch.aminmax(t)
+        if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            return
+    check_finite(name, t)
+
+
 def _validate(keys, queries, k, metric, check_inputs):
     check_metric(metric)
     check_tensor("keys", keys, ndim=2, dims="(n, d)", dtypes=FLOAT_DTYPES)
@@ -72,8 +83,8 @@ def _validate(keys, queries, k, metric, check_inputs):
         raise ValueError(f"k = {k} is larger than the bank (n = {n} keys)")
     check_same_device("keys", keys, queries=queries)
     if check_inputs and not torch.compiler.is_compiling():
-        check_finite("keys", keys)
-        check_finite("queries", queries)
+        check_finite_fast("keys", keys)
+        check_finite_fast("queries", queries)
 
 
 def exact_search(
