@@ -2,7 +2,7 @@
 provider), from a pytest-benchmark JSON written by benchmarks/test_bench_cluster_lookup.py; also
 prints the table that benchmarks/RESULTS.md quotes.
 
-    python benchmarks/plot_recall_speed.py [benchmarks/results/cluster_lookup.json] [--out benchmarks/recall_speed.png]
+    python benchmarks/plot_recall_speed.py [benchmarks/results/cluster_lookup_full.json] [--out benchmarks/recall_speed.png]
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def refinement_table(rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", nargs="?", default=os.path.join(HERE, "results", "cluster_lookup.json"))
+    ap.add_argument("json", nargs="?", default=os.path.join(HERE, "results", "cluster_lookup_full.json"))
     ap.add_argument("--out", default=os.path.join(HERE, "recall_speed.png"))
     args = ap.parse_args(argv)
     doc, rows = load_rows(args.json)

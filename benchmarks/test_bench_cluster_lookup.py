@@ -10,7 +10,7 @@ nprobe ~ 96 for recall@10 = 0.95 at 1M).
     MVPP_BENCH_N=100000 MVPP_BENCH_Q=1000 MVPP_BENCH_ROWS=rows.jsonl pytest ...  # smaller; rows as measured
     MVPP_BENCH_FULL=1 pytest benchmarks/test_bench_cluster_lookup.py --benchmark-only -s \
         --benchmark-json=benchmarks/results/cluster_lookup_full.json       # the 1M x 256, 10k queries
-    python benchmarks/plot_recall_speed.py benchmarks/results/cluster_lookup.json   # -> recall_speed.png
+    python benchmarks/plot_recall_speed.py benchmarks/results/cluster_lookup_full.json   # -> recall_speed.png
     pytest benchmarks/test_bench_cluster_lookup.py                         # smoke (tiny sizes)
 
 Progress lines (data, ground truth, index builds) go to stderr (`-s` shows them). The exact ground truth
