@@ -397,6 +397,20 @@ def test_masked_stats_kernel_matches_torch(monkeypatch):
         float(x[torch.isfinite(x)].min()), float(x[torch.isfinite(x)].max()))
 
 
+@pytest.mark.cpp
+def test_masked_stats_opcheck():
+    """opcheck of the eager-only check op. It returns Python scalars that the wrapper turns into
+    errors, and the wrappers skip it while compiling (torch.compiler.is_compiling()), so it has no
+    fake kernel: the schema (no mutation, no aliasing) and its autograd registration (none, it is a
+    check on detached data) are what can be checked."""
+    require("cpu")
+    x = torch.randn(4, 9, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.mvpp.mhp_scan_masked_stats.default, (x, torch.tensor([9, 3, 0, 1])),
+                          test_utils=("test_schema", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.mvpp.mhp_scan_masked_stats.default, (x.float(), None),
+                          test_utils=("test_schema", "test_autograd_registration"))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Every backend against the float64 reference
 # ---------------------------------------------------------------------------------------------
