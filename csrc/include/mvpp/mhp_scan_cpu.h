@@ -27,46 +27,11 @@ namespace mvpp {
 namespace mhp_cpu {
 
 // The numerics and plumbing shared with selective_scan's CPU core (mvpp/scan_cpu_common.h).
+using scan_cpu::exp_approx;  // exp_approx<true>: the one-sided clamp for decays (x <= 0)
 using scan_cpu::fmadd;
+using scan_cpu::sigmoid;
 using scan_cpu::ScanArgs;
 using scan_cpu::softplus_and_grad;
-
-// e^x: scan_cpu::exp_approx's reduction and polynomial (same coefficients, same ~2 ulp). kNonPos:
-// the caller knows x <= 0 (a decay, A <= 0 and Δ dt >= 0 -- the hot loops check it per channel and
-// per event), so only the lower clamp is applied: GCC compiles the two-sided clamp to a seven-
-// instruction compare/mask sequence and one side to two. NaN propagates either way.
-template <bool kNonPos = false>
-MVPP_INLINE float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  if (!kNonPos) x = x > 88.0f ? 88.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float t = fmadd(x, 1.44269504088896341f, magic);
-  const float n = t - magic;
-  float r = fmadd(n, -0.693359375f, x);
-  r = fmadd(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = fmadd(p, r, 1.3981999507e-3f);
-  p = fmadd(p, r, 8.3334519073e-3f);
-  p = fmadd(p, r, 4.1665795894e-2f);
-  p = fmadd(p, r, 1.6666665459e-1f);
-  p = fmadd(p, r, 5.0000001201e-1f);
-  p = fmadd(p, r * r, r + 1.0f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-template <bool kNonPos = false>
-MVPP_INLINE double exp_approx(double x) {
-  return std::exp(x);
-}
-
-// sigmoid on this file's exp (scan_cpu::sigmoid would call the shared one).
-template <typename T>
-MVPP_INLINE T sigmoid(T x) {
-  return T(1) / (T(1) + exp_approx(-x));
-}
 
 // Padded state sizes the kernels are instantiated for; N is rounded up to the next one.
 // Unlike selective_scan, small sizes too: the classic Hawkes process (N = 1) and small multivariate

@@ -34,8 +34,16 @@ MVPP_INLINE T fmadd(T a, T b, T c) {
 // scalar). Cody-Waite reduction x = n ln2 + r, a degree-7 polynomial for e^r (Cephes' coefficients),
 // 2^n built from the exponent bits. Max error about 2 ulp on the clamped range; inputs below -87
 // give ~e^-87 (≈ 1.6e-38) instead of an underflow to 0, which is harmless for a decay factor.
+// kNonPos: the caller knows x <= 0 (a decay: A <= 0 and a non-negative step, checked by the caller),
+// so only the lower clamp is applied: GCC compiles the two-sided clamp to a seven-instruction
+// compare/mask sequence and one side to two (mhp_scan's hot loops use it). NaN propagates either way.
+template <bool kNonPos = false>
 MVPP_INLINE float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+  if constexpr (kNonPos) {
+    x = std::max(x, -87.0f);
+  } else {
+    x = std::min(std::max(x, -87.0f), 88.0f);
+  }
   // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer without a rounding instruction.
   const float magic = 12582912.0f;
   const float t = fmadd(x, 1.44269504088896341f, magic);
@@ -56,7 +64,10 @@ MVPP_INLINE float exp_approx(float x) {
 }
 
 // float64 inputs are the accuracy path: libm.
-MVPP_INLINE double exp_approx(double x) { return std::exp(x); }
+template <bool kNonPos = false>
+MVPP_INLINE double exp_approx(double x) {
+  return std::exp(x);
+}
 
 // log(1 + v) for v in [0, 1]: 2 atanh(s), s = v / (2 + v) in [0, 1/3]; the odd series to s^15
 // is below float rounding there. Only used by softplus, where v = exp(-|x|).
