@@ -185,8 +185,8 @@ MU, ALPHA, BETA = 0.5, 0.8, 1.5
 N_SEQ, T_END = (4, 20.0) if SMOKE else (256, 200.0)
 
 
-@pytest.fixture(scope="module")
-def classic_sequences():
+def simulate_classic_sequences():
+    """N_SEQ event sequences on [0, T_END] simulated by tick (its kernel is α·β·e^{-βt})."""
     from tick.hawkes import SimuHawkesExpKernels
 
     seqs = []
@@ -196,6 +196,11 @@ def classic_sequences():
         sim.simulate()
         seqs.append(np.ascontiguousarray(sim.timestamps[0], dtype=np.float64))
     return seqs
+
+
+@pytest.fixture(scope="module")
+def classic_sequences():
+    return simulate_classic_sequences()
 
 
 def _classic_batch(seqs):
@@ -307,14 +312,7 @@ def main(argv=None):
               f"selective_scan_cpu median {s_med * 1e3:.2f} ms (min {s_min * 1e3:.2f}); "
               f"fused / selective_scan = {m_med / s_med:.2f} (median/median), {m_min / s_min:.2f} (min/min)")
     if not args.skip_hawkes:
-        from tick.hawkes import SimuHawkesExpKernels
-
-        seqs = []
-        for seed in range(N_SEQ):
-            sim = SimuHawkesExpKernels(adjacency=np.array([[ALPHA / BETA]]), decays=np.array([[BETA]]),
-                                       baseline=np.array([MU]), end_time=T_END, seed=seed + 1, verbose=False)
-            sim.simulate()
-            seqs.append(np.ascontiguousarray(sim.timestamps[0], dtype=np.float64))
+        seqs = simulate_classic_sequences()
         fns = {p: make_hawkes_fn(p, seqs) for p in ("mhp_scan_cpu", "tick", "hawkesbook")}
         want = fns["hawkesbook"]()
         for p, f in fns.items():
