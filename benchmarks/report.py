@@ -4,6 +4,9 @@
     python -m benchmarks.report                      # every JSON in benchmarks/results/
     python -m benchmarks.report a.json b.json --out benchmarks/RESULTS.md
 
+Markdown sections written by scripts that are not pytest-benchmark runs (`benchmarks/results/*.md`)
+are appended after the tables, then the hand-written `benchmarks/NOTES.md`.
+
 Each JSON becomes one section (its device, versions, commit and the command are taken from the
 file). Within an op, rows that differ only by provider sit together, with the speedup against the
 run's own baseline provider (the first of BASELINES present) and, where the benchmark recorded the
@@ -199,6 +202,11 @@ def main(argv=None) -> int:
     parts = [HEADER]
     for p in paths:
         parts.append(render_run(_load(p), p, args.plots or None))
+    # Hand-written sections from scripts that are not pytest-benchmark runs (each names its device,
+    # baseline and command itself), in file-name order, before the notes.
+    for p in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.md"))):
+        with open(p) as f:
+            parts.append(f.read())
     if args.notes and os.path.exists(args.notes):
         with open(args.notes) as f:
             parts.append(f.read())
