@@ -155,7 +155,7 @@ for io, ieee, mlp, only in (("*bf16", False, False, None), ("*bf16", False, True
     bt, bf, bh = 16, 64, 16
     jobs = [
         (K._fwd_split_kernel, dict(HAS_BIAS=True, HAS_LEN=True, MLP=mlp, IEEE=ieee, BLOCK_T=bt, BLOCK_F=bf,
-                                   BLOCK_H=bh, K_PAD=8)),
+                                   BLOCK_H=bh, K_PAD=8, ROWWISE=False)),
         (K._fwd_merge_kernel, dict(BLOCK_F=bf, K_PAD=8, NS_PAD=4)),
         (K._bwd_dot_kernel, dict(HAS_LEN=True, BLOCK_T=bt, BLOCK_F=bf)),
         (K._bwd_frames_kernel, dict(HAS_LEN=True, MLP=mlp, IEEE=ieee, BLOCK_T=bt, BLOCK_F=bf, BLOCK_H=bh)),

@@ -45,15 +45,26 @@ def _gelu_grad(a):
 
 @triton.jit
 def _mlp_scores(x, W1, b1, w, H, offs_f, mask_f, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                IEEE: tl.constexpr):
-    """s = weight . gelu(W1ᵀ x + b1) for a (BLOCK_T, BLOCK_F) tile x in its storage dtype."""
+                IEEE: tl.constexpr, ROWWISE: tl.constexpr):
+    """s = weight . gelu(W1ᵀ x + b1) for a (BLOCK_T, BLOCK_F) tile x in its storage dtype.
+
+    Every row must get the same bits from the same frame wherever it sits in the tile: the top-k
+    breaks equal scores toward the lower index, so two identical frames have to score identically.
+    A GPU tl.dot computes each row the same way; the interpreter's tl.dot is numpy.matmul, i.e.
+    OpenBLAS sgemm, whose micro-kernel rounds rows differently by their position in the tile (and by
+    its thread count), so duplicated frames came out 1 ulp apart and the later one could win the
+    "tie". ROWWISE (interpreter only) forms the same product as a broadcast multiply and a sum over
+    F, which numpy evaluates in one order for every row.
+    """
     s = tl.zeros((BLOCK_T,), dtype=tl.float32)
     offs_h = tl.arange(0, BLOCK_H)
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + offs_h
         mh = hh < H
         Wc = tl.load(W1 + offs_f[:, None] * H + hh[None, :], mask=mask_f[:, None] & mh[None, :], other=0.0)
-        if IEEE:
+        if ROWWISE:
+            a = tl.sum(x.to(tl.float32)[:, :, None] * Wc[None, :, :], 1)
+        elif IEEE:
             a = tl.dot(x.to(tl.float32), Wc, input_precision="ieee")
         else:
             a = tl.dot(x, Wc.to(x.dtype))
@@ -70,6 +81,7 @@ def _fwd_split_kernel(
     T, F, H, k, n_split, chunk, inv_tau,
     HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr, MLP: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr, K_PAD: tl.constexpr,
+    ROWWISE: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     sp = tl.program_id(1)
@@ -100,7 +112,7 @@ def _fwd_split_kernel(
                     other=0.0)
         xf = x.to(tl.float32)
         if MLP:
-            s = _mlp_scores(x, W1, b1, w, H, offs_f, mask_f, BLOCK_T, BLOCK_H, IEEE)
+            s = _mlp_scores(x, W1, b1, w, H, offs_f, mask_f, BLOCK_T, BLOCK_H, IEEE, ROWWISE)
         else:
             s = tl.sum(xf * wv[None, :], 1)
         s = tl.where(valid, s + bias_v, -float("inf"))
@@ -374,6 +386,11 @@ def _ieee_dot(frames: torch.Tensor) -> bool:
     return frames.dtype == torch.float32 or frames.device.type != "cuda"
 
 
+def _rowwise_scores(frames: torch.Tensor) -> bool:
+    """The interpreter (frames on the CPU) scores the MLP rows without tl.dot; see _mlp_scores."""
+    return frames.device.type != "cuda"
+
+
 def _block_h(H: int) -> int:
     return max(16, min(64, triton.next_power_of_2(H)))
 
@@ -416,7 +433,8 @@ def frame_score_fwd_triton(
         scores, part_ml, part_acc, part_v, part_i,
         T, F, H, k, n_split, chunk, 1.0 / temperature,
         HAS_BIAS=bias is not None, HAS_LEN=lengths is not None, MLP=mlp, IEEE=ieee,
-        BLOCK_T=block_t, BLOCK_F=block_f, BLOCK_H=_block_h(H), K_PAD=k_pad, num_warps=num_warps,
+        BLOCK_T=block_t, BLOCK_F=block_f, BLOCK_H=_block_h(H), K_PAD=k_pad, ROWWISE=_rowwise_scores(frames),
+        num_warps=num_warps,
     )
     torch.library.wrap_triton(_fwd_merge_kernel)[(batch,)](
         frames, part_ml, part_acc, part_v, part_i,
