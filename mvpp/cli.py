@@ -458,7 +458,9 @@ def main(argv=None) -> int:
 # MVPP_TRACEBACK=1 re-raises instead, for debugging.
 def _user_error_types() -> tuple:
     types = [UsageError, ValueError, OSError, ImportError, FloatingPointError]
-    for mod, name in (("mvpp.models", "OpUnavailableError"), ("mvpp.bank", "BankUsageError")):
+    # SafetensorError: an input file (--keys, --queries, a feature cache) that is not valid safetensors
+    for mod, name in (("mvpp.models", "OpUnavailableError"), ("mvpp.bank", "BankUsageError"),
+                      ("safetensors", "SafetensorError")):
         try:
             types.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -85,6 +85,13 @@ def test_library_value_errors_are_one_line_exit_2(tmp_path, capsys):
     assert rc == 2 and "k" in one_line_error(err, "bank")
 
 
+def test_a_corrupt_input_file_is_one_line_exit_2(tmp_path, capsys):
+    keys = tmp_path / "keys.safetensors"
+    keys.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    rc, _, err = run(["bank", "build", "--index", str(tmp_path / "b.safetensors"), "--keys", str(keys)], capsys)
+    assert rc == 2 and "internal error" not in one_line_error(err, "bank")
+
+
 def test_a_corrupt_checkpoint_is_one_line_exit_2(tmp_path, capsys):
     ck = tmp_path / "m.safetensors"
     rc, _, _ = run(TRAIN + ["--out", str(ck), "--epochs", "1"], capsys)
