@@ -64,6 +64,9 @@ class BankWork:
     def save(self, path: str, g: int) -> None:
         self.index.save(path)
 
+    def reload(self, path: str) -> None:  # continue from what is on disk, as a restarted service would
+        self.index = HierarchicalIndex.load(path)
+
     def generation(self, path: str) -> int:
         n = int(HierarchicalIndex.load(path).n_items)
         if (n - self.base) % self.step:
@@ -89,6 +92,9 @@ class CheckpointWork:
     def save(self, path: str, g: int) -> None:
         save_checkpoint(path, self.model, self.opt, {"generation": g},
                         best_state={k: v.clone() for k, v in self.model.state_dict().items()})
+
+    def reload(self, path: str) -> None:  # continue from what is on disk, as a resumed run would
+        load_checkpoint(path, self.model, self.opt)
 
     def generation(self, path: str) -> int:
         m = torch.nn.Sequential(torch.nn.Linear(self.x.shape[1], self.x.shape[1]), torch.nn.Tanh(),
@@ -230,6 +236,7 @@ def kill_loop(work, folder: str, kills: int, seed: int, deadline: float) -> dict
             raise Invariant(f"kill {i}: {len(strays)} temporaries left: {strays}")
         counts["kills"] += 1
         committed = got
+        work.reload(path)
     before = len(_strays(folder, path))
     work.advance()
     work.save(path, committed + 1)

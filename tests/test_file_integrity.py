@@ -128,6 +128,101 @@ def test_checkpoint_truncated_foreign_and_wrong_version_are_refused(tmp_path):
         load_checkpoint(str(tmp_path / "absent"))
 
 
+# ------------------------------------------------------------------------------------- memory bank
+@pytest.fixture(scope="module")
+def bank_file(tmp_path_factory):
+    from mvpp_kernels import HierarchicalIndex
+    from mvpp_kernels.testing import make_memory_bank_data
+
+    keys, _ = make_memory_bank_data(300, 8, 0, "clustered", seed=21)
+    values = torch.randn(300, 3, generator=torch.Generator().manual_seed(22))
+    idx = HierarchicalIndex.build(keys, values, branching=(2, 3), seed=0)
+    idx.update(keys[:7] * 0.5, values[:7])
+    p = tmp_path_factory.mktemp("bank") / "bank.safetensors"
+    idx.save(p)
+    return p, idx
+
+
+def _load_bank(path):
+    from mvpp_kernels import HierarchicalIndex
+
+    return HierarchicalIndex.load(path)
+
+
+def test_bank_round_trip_keeps_header_and_tensors(bank_file):
+    p, idx = bank_file
+    back = _load_bank(p)
+    for name, t in idx.tensors().items():
+        assert torch.equal(t, back.tensors()[name]), name
+    header = json.loads(_metadata(p.read_bytes())["mvpp_header"])
+    assert header["version"] == 2 and len(header["sha256"]) == 64
+    for field in ("next_id", "metric", "max_members", "split_factor", "max_fine_clusters", "base_spread"):
+        assert header[field] == (list(getattr(idx, field)) if field == "branching" else getattr(idx, field))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("next_id", 0), ("next_seq", 1), ("metric", "l2"), ("max_members", 2), ("split_factor", 1e9),
+    ("max_fine_clusters", 1), ("base_spread", 0.0), ("n_splits", 5), ("branching", [9, 9]), ("d", 4),
+    ("dtype", "float64"),
+])
+def test_bank_edited_header_field_is_refused(bank_file, tmp_path, field, value):
+    """Issue 16: the digest covered the tensors only, so these edits loaded and corrupted later updates."""
+    p, _ = bank_file
+    bad = tmp_path / "edited"
+    bad.write_bytes(_rewrite_header(p.read_bytes(), "mvpp_header", lambda h: h.__setitem__(field, value)))
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        _load_bank(bad)
+
+
+def test_bank_flipped_bits_truncation_foreign_and_versions_are_refused(bank_file, tmp_path):
+    p, _ = bank_file
+    blob = p.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    for i in list(range(8 + n, len(blob), 61)) + [len(blob) - 1]:
+        bad = bytearray(blob)
+        bad[i] ^= 0x80
+        (tmp_path / "flip").write_bytes(bytes(bad))
+        with pytest.raises(ValueError, match="checksum mismatch"):
+            _load_bank(tmp_path / "flip")
+    for cut in (0, 7, 8, n // 2, 8 + n, len(blob) - 1):
+        (tmp_path / "torn").write_bytes(blob[:cut])
+        with pytest.raises(ValueError, match="not a valid mvpp memory bank file: cannot parse it as safetensors"):
+            _load_bank(tmp_path / "torn")
+    (tmp_path / "foreign").write_bytes(st_save({"keys": torch.ones(3, 2)}))
+    with pytest.raises(ValueError, match="no 'mvpp_header' header"):
+        _load_bank(tmp_path / "foreign")
+    (tmp_path / "v1").write_bytes(_rewrite_header(blob, "mvpp_header", lambda h: h.__setitem__("version", 1)))
+    with pytest.raises(ValueError, match="version-1 mvpp memory bank, whose checksum does not cover its header"):
+        _load_bank(tmp_path / "v1")
+    (tmp_path / "v9").write_bytes(_rewrite_header(blob, "mvpp_header", lambda h: h.__setitem__("version", 9)))
+    with pytest.raises(ValueError, match="format version 9; this mvpp reads version 2"):
+        _load_bank(tmp_path / "v9")
+    # a checkpoint is not a bank, and a bank is not a checkpoint
+    ck = tmp_path / "ck.safetensors"
+    _trained_checkpoint(ck)
+    with pytest.raises(ValueError, match="no 'mvpp_header' header"):
+        _load_bank(ck)
+    with pytest.raises(ValueError, match="has no 'mvpp' header"):
+        load_checkpoint(str(p))
+
+
+def test_only_one_atomic_writer_in_the_package():
+    """Class-level guard: every file mvpp writes goes through mvpp_kernels/_io.py (atomic write, stale
+    temporaries cleaned), so no module may rename temporaries into place on its own."""
+    offenders = []
+    for pkg in ("mvpp", "mvpp_kernels"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for f in files:
+                if not f.endswith(".py") or (pkg == "mvpp_kernels" and f == "_io.py" and
+                                             os.path.basename(dirpath) == "mvpp_kernels"):
+                    continue
+                src = open(os.path.join(dirpath, f), encoding="utf-8").read()
+                for needle in ("os.replace(", "os.rename(", "mkstemp(", "NamedTemporaryFile("):
+                    if needle in src:
+                        offenders.append(f"{os.path.relpath(os.path.join(dirpath, f), ROOT)}: {needle}")
+    assert offenders == [], "write files through mvpp_kernels._io.atomic_write_bytes / write_checked"
+
+
 # ------------------------------------------------------------------------------------- _io
 def test_digest_covers_names_dtypes_shapes_and_header():
     t = {"a": torch.arange(6, dtype=torch.float32)}
@@ -229,3 +324,22 @@ def test_microlens_parse_errors_name_file_and_line(tmp_path, name, text, line, f
     assert msg.startswith(f"{tmp_path / name} line {line}:"), msg
     assert fragment in msg
     assert isinstance(e.value, ValueError)  # the CLI boundary prints it as one line, exit 2
+
+
+# ------------------------------------------------------------------------------------- kill loop
+def test_saves_killed_at_random_moments_leave_old_or_new_file(tmp_path):
+    """The short CI run of scripts/kill_loop.py: writers fork()ed from one process, SIGKILLed at seeded
+    random points of their save cycle; the script asserts the invariant at every kill (the file loads and
+    is the old or the new generation; only temporaries of killed writers, cleaned by the next save) and
+    exits 1 with the first violation. Pass/fail never depends on timing, only the spread of kills does."""
+    out = tmp_path / "kills.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "kill_loop.py"), "--kills", "6",
+                        "--kinds", "bank,checkpoint", "--seed", "0", "--bank-items", "4000", "--model-width", "128",
+                        "--dir", str(tmp_path / "files"), "--budget-s", "150", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"]
+    for kind in ("bank", "checkpoint"):
+        res = report["results"][kind]
+        assert res["ok"] and res["kills"] == 6 and res["old"] + res["new"] == 6, res
