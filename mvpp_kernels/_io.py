@@ -39,6 +39,8 @@ __all__ = ["atomic_write_bytes", "clean_stale_tmp", "tmp_prefix", "write_checked
 STALE_AFTER_S = 24 * 3600.0  # a temporary this old is stale even if its pid looks alive (pid reuse)
 DIGEST_FIELD = "sha256"
 _MAX_NAME = 120  # the target name is cut in the temporary's name so it stays under NAME_MAX (255)
+_LEGACY_CKPT_RE = re.compile(r"^\.tmp-[a-z0-9_]{8}\.part$")
+_MKSTEMP_RE = re.compile(r"^[a-z0-9_]{8}$")
 _TMP_RE = re.compile(r"^\.tmp-(?P<name>.*)\.(?P<host>[A-Za-z0-9-]{1,32})\.(?P<pid>[0-9]{1,10})\.[A-Za-z0-9_]+\.part$")
 
 
@@ -65,14 +67,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _legacy_tmp(name: str, target: Optional[str]) -> bool:
+    """Temporaries of mvpp's earlier writers, which carried no pid: `.tmp-<8 random>.part` (checkpoints,
+    feature caches) and `.tmp-<target name>.<8 random>` (memory banks; only for the target being written)."""
+    if _LEGACY_CKPT_RE.match(name):
+        return True
+    if target:
+        base = os.path.basename(target)
+        return name.startswith(f".tmp-{base}.") and bool(_MKSTEMP_RE.match(name[len(base) + 6:]))
+    return False
+
+
 def clean_stale_tmp(directory: str | os.PathLike, max_age_s: float = STALE_AFTER_S,
-                    now: Optional[float] = None) -> list[str]:
+                    now: Optional[float] = None, target: Optional[str] = None) -> list[str]:
     """Delete the stale temporaries of our atomic writes in `directory`; return the names deleted.
 
     A name is ours only if it matches `.tmp-<name>.<host>.<pid>.<random>.part` exactly. It is stale if it
     was written on this host by a pid that no longer exists (a SIGKILLed save), or if it is older than
-    `max_age_s` (any host; guards against pid reuse). Everything else is left alone. Never raises for a
-    file that vanished or cannot be removed (another cleaner may race us)."""
+    `max_age_s` (any host; guards against pid reuse). Temporaries of mvpp's earlier writers (no pid in
+    the name) are removed only when older than `max_age_s`. Everything else is left alone. Never raises
+    for a file that vanished or cannot be removed (another cleaner may race us)."""
     directory = os.fspath(directory)
     now = time.time() if now is None else now
     me, host, removed = os.getpid(), _host(), []
@@ -82,7 +96,8 @@ def clean_stale_tmp(directory: str | os.PathLike, max_age_s: float = STALE_AFTER
         return removed
     for name in names:
         m = _TMP_RE.match(name)
-        if not m:
+        legacy = not m and _legacy_tmp(name, target)
+        if not m and not legacy:
             continue
         p = os.path.join(directory, name)
         try:
@@ -90,6 +105,14 @@ def clean_stale_tmp(directory: str | os.PathLike, max_age_s: float = STALE_AFTER
         except OSError:
             continue
         if not os.path.isfile(p) or os.path.islink(p):
+            continue
+        if legacy:
+            if now - st.st_mtime > max_age_s:
+                try:
+                    os.unlink(p)
+                    removed.append(name)
+                except OSError:
+                    pass
             continue
         pid = int(m.group("pid"))
         same_host = m.group("host") == host
@@ -129,7 +152,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     if os.path.isdir(path):
         raise IsADirectoryError(f"cannot write {path!r}: it is a directory")
     os.makedirs(directory, exist_ok=True)
-    clean_stale_tmp(directory)
+    clean_stale_tmp(directory, target=path)
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path), suffix=".part", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

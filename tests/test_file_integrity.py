@@ -258,6 +258,19 @@ def test_stale_temporaries_are_cleaned_and_only_those(tmp_path):
     assert sorted(removed) == sorted([names["dead"], names["remote_old"]])
     left = set(os.listdir(tmp_path))
     assert left == (set(names.values()) - set(removed)) | {f".tmp-d.{host}.{dead.pid}.abc.part"}
+    # temporaries of the earlier writers (no pid in the name): removed only when old, the bank's only for
+    # its own target
+    legacy = {"ck_old": ".tmp-abcd1234.part", "ck_young": ".tmp-wxyz5678.part",
+              "bank_old": ".tmp-bank.safetensors.k2j4h6g8", "other_old": ".tmp-notes.txt.k2j4h6g8"}
+    for n in legacy.values():
+        (tmp_path / n).write_bytes(b"partial")
+    for k in ("ck_old", "bank_old", "other_old"):
+        os.utime(tmp_path / legacy[k], (old, old))
+    assert _io.clean_stale_tmp(tmp_path) == [legacy["ck_old"]]
+    assert _io.clean_stale_tmp(tmp_path, target=str(tmp_path / "bank.safetensors")) == [legacy["bank_old"]]
+    assert {legacy["ck_young"], legacy["other_old"]} <= set(os.listdir(tmp_path))
+    for k in ("ck_young", "other_old"):
+        os.unlink(tmp_path / legacy[k])
     # an atomic write cleans them too, and leaves nothing of its own
     (tmp_path / names["dead"]).write_bytes(b"partial")
     _io.atomic_write_bytes(tmp_path / "ck.safetensors", b"new")
