@@ -9,7 +9,6 @@ altered file is refused at load.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
