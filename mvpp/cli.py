@@ -80,12 +80,57 @@ def _configs(args, train_defaults: dict | None = None):
             tc.__dict__[field] = v
     if getattr(args, "quiet", False):
         tc.progress = False
+    _check_train_config(tc)
     if getattr(args, "backend", None):
         mc.backend = args.backend
     if getattr(args, "d", None):
         mc.d = args.d
     data_cfg = dict(file_cfg.get("data", {}))
     return mc, tc, data_cfg
+
+
+def _check_train_config(tc) -> None:
+    """Refuse training settings that would crash deep in a run or silently train nothing."""
+    import math
+
+    def need(ok, field, what):
+        if not ok:
+            flag = "--" + field.replace("_", "-")
+            raise UsageError(f"{flag} (train.{field}) must be {what}, got {getattr(tc, field)!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    need(is_int(tc.epochs) and tc.epochs >= 1, "epochs", "an integer >= 1 (0 epochs trains nothing and writes "
+                                                         "no checkpoint)")
+    need(is_int(tc.batch_size) and tc.batch_size >= 1, "batch_size", "an integer >= 1")
+    need(is_int(tc.eval_batch_size) and tc.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1")
+    need(is_int(tc.patience) and tc.patience >= 1, "patience", "an integer >= 1")
+    need(is_num(tc.lr) and tc.lr >= 0, "lr", "a finite number >= 0")
+    need(is_num(tc.weight_decay) and tc.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+    need(tc.grad_clip is None or (is_num(tc.grad_clip) and tc.grad_clip >= 0), "grad_clip", "a finite number >= 0")
+    need(is_int(tc.seed), "seed", "an integer")
+
+
+def _check_writable(path: str, flag: str, folder: bool = False) -> None:
+    """Fail before a long run, not after it, when the output path (a file, or a folder) cannot be written."""
+    target = os.path.abspath(path)
+    if folder:
+        if os.path.exists(target) and not os.path.isdir(target):
+            raise UsageError(f"{flag} {path!r} is a file; give a folder")
+        target = os.path.join(target, "x")
+    elif os.path.isdir(target):
+        raise UsageError(f"{flag} {path!r} is a directory; give a file path")
+    d = os.path.dirname(target)
+    while not os.path.exists(d):  # the first existing ancestor must be a writable folder (makedirs)
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UsageError(f"{flag} {path!r} cannot be created: {d!r} is a file, not a folder")
+    if not os.access(d, os.W_OK | os.X_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise UsageError(f"{flag} {path!r} is not writable (no write permission in {d!r})")
 
 
 def _check_device(dev: str | None):
@@ -177,6 +222,7 @@ def cmd_demo(args) -> int:
 
     mc, tc, data_cfg = _configs(args, DEMO_TRAIN_DEFAULTS)
     _check_device(tc.device)
+    _check_writable(args.out, "--out", folder=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = args.preset or data_cfg.get("preset", "small")
@@ -213,6 +259,7 @@ def cmd_train(args) -> int:
 
     mc, tc, data_cfg = _configs(args)
     _check_device(tc.device)
+    _check_writable(args.out, "--out")
     data = _load_data(args.data or data_cfg.get("source", "synthetic:small"), args.data_seed, args.features)
     splits = split_indices(len(data), "mmra")
     from mvpp.train import seed_everything
@@ -224,8 +271,9 @@ def cmd_train(args) -> int:
         raise UsageError(str(e)) from e
     hist = train_model(model, data, splits, tc, checkpoint=args.out, resume=args.resume)
     m = evaluate(model, data, splits["test"], tc.eval_batch_size, tc.device)
+    # report only a checkpoint that is on disk (train_model writes one per epoch it runs)
     print(json.dumps({"test": m, "best_val_nmse": hist["best_val_nmse"], "epochs": hist["epochs_run"],
-                      "checkpoint": args.out}, indent=2))
+                      "checkpoint": args.out if os.path.isfile(args.out) else None}, indent=2))
     return 0
 
 
@@ -236,15 +284,11 @@ def cmd_eval(args) -> int:
 
     if not os.path.exists(args.checkpoint):
         raise UsageError(f"--checkpoint {args.checkpoint!r} does not exist (write one with `mvpp train --out`)")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(args.checkpoint, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("mvpp", "{}"))
-    except Exception as e:
-        raise UsageError(f"{args.checkpoint!r} is not a readable checkpoint: {e}") from e
-    extra = meta.get("extra", {})
-    if "model_class" not in extra:
+    try:  # verifies format, version and checksum before anything is built from the header
+        extra = load_checkpoint(args.checkpoint)
+    except ValueError as e:
+        raise UsageError(f"--checkpoint: {e}") from e
+    if not all(k in extra for k in ("model_class", "model_config", "label_stats")):
         raise UsageError(f"{args.checkpoint!r} was not written by `mvpp train` (no model class in its header)")
     data = _load_data(args.data, args.data_seed, args.features)
     mc = ModelConfig.from_dict(extra["model_config"])
@@ -273,6 +317,8 @@ def cmd_bank(args) -> int:
 
     from mvpp.bank import bank_build, bank_search, bank_update
 
+    if args.bank_command in ("build", "update"):
+        _check_writable(args.index, "--index")
     if args.bank_command == "build":
         info = bank_build(args.index, data=args.data, seed=args.data_seed, keys_file=args.keys,
                           branching=tuple(args.branching) if args.branching else None, knn=args.knn)
@@ -403,21 +449,43 @@ def main(argv=None) -> int:
         return 2
     if args.command == "bank" and not getattr(args, "bank_command", None):
         parser.parse_args(["bank", "--help"])
+    return _run_command(args)
+
+
+# The one error boundary of the CLI: whatever a command raises becomes one line on stderr, never a
+# traceback. Errors a user can fix (bad flags, values, files; the library's ValueErrors name the argument
+# and what was expected) exit 2; anything else is probably an mvpp bug: one line saying so, exit 1.
+# MVPP_TRACEBACK=1 re-raises instead, for debugging.
+def _user_error_types() -> tuple:
+    types = [UsageError, ValueError, OSError, ImportError, FloatingPointError]
+    # SafetensorError: an input file (--keys, --queries, a feature cache) that is not valid safetensors
+    for mod, name in (("mvpp.models", "OpUnavailableError"), ("mvpp.bank", "BankUsageError"),
+                      ("safetensors", "SafetensorError")):
+        try:
+            types.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(types)
+
+
+def _run_command(args) -> int:
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
-        print(f"mvpp {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # errors from the model layer that name their fix (missing ops, bad files)
-        from mvpp.models import OpUnavailableError
-
-        from mvpp.bank import BankUsageError
-
-        if isinstance(e, (OpUnavailableError, FileNotFoundError, ImportError, BankUsageError)):
-            print(f"mvpp {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"mvpp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("MVPP_TRACEBACK", "") not in ("", "0"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, _user_error_types()):
+            if isinstance(e, (OSError, ImportError)) and type(e).__name__ not in msg:
+                msg = f"{type(e).__name__}: {msg}"
+            print(f"mvpp {args.command}: error: {msg}", file=sys.stderr)
             return 2
-        raise
-
+        print(f"mvpp {args.command}: internal error: {type(e).__name__}: {msg} (probably a bug in mvpp; "
+              f"MVPP_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

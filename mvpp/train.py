@@ -2,17 +2,16 @@
 
 A checkpoint is one safetensors file holding the model's and the optimizer's tensors plus a JSON
 header (metadata) with the epoch, the best validation score, the RNG states' fingerprints and the
-model's config, so `resume=True` continues where a killed run stopped. Writes go to a temporary file
-in the same folder, are fsync'ed, then os.replace'd over the old file: a crash mid-write never
-leaves a torn checkpoint.
+model's config, so `resume=True` continues where a killed run stopped, and a SHA-256 over the header
+and every tensor (mvpp_kernels._io). Writes go to a temporary file in the same folder, are fsync'ed,
+then os.replace'd over the old file: a crash mid-write never leaves a torn checkpoint, and a torn or
+altered file is refused at load.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -20,13 +19,20 @@ from typing import Optional
 import numpy as np
 import torch
 
+from mvpp_kernels import _io
+
 from .data.dataset import iterate_batches
 from .metrics import all_metrics
 
 __all__ = ["TrainConfig", "train_model", "predict", "evaluate", "seed_everything", "save_checkpoint",
            "load_checkpoint", "atomic_write_bytes"]
 
-CHECKPOINT_FORMAT = "mvpp-checkpoint/1"
+CHECKPOINT_FORMAT = "mvpp.checkpoint"
+CHECKPOINT_VERSION = 2
+_CHECKPOINT_KEY = "mvpp"
+_OLD_CHECKPOINTS = {("mvpp-checkpoint/1", None): "it is a version-1 mvpp checkpoint, written without a checksum; "
+                                                 "this mvpp only loads checksummed (version 2) checkpoints: "
+                                                 "retrain with `mvpp train --out ...`"}
 
 
 @dataclass
@@ -54,19 +60,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `data` to `path` atomically (see mvpp_kernels._io: temp file, fsync, os.replace, directory
+    fsync; stale temporaries of killed writers are cleaned first)."""
+    _io.atomic_write_bytes(path, data)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -93,19 +89,17 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 def save_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     extra: Optional[dict] = None, best_state: Optional[dict] = None) -> None:
     """Atomically write model (+ optimizer, + the best weights so far) tensors and a JSON header to a
-    safetensors file."""
-    from safetensors.torch import save
-
+    safetensors file, with a SHA-256 over the header and every tensor (mvpp_kernels._io.write_checked)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if best_state is not None:
         tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
     tensors["rng.torch"] = torch.get_rng_state()  # dropout draws continue exactly on resume
-    meta = {"format": CHECKPOINT_FORMAT, "extra": extra or {}}
+    meta = {"extra": extra or {}}
     if optimizer is not None:
         t, m = _flatten_optimizer(optimizer)
         tensors.update(t)
         meta["optimizer"] = m
-    atomic_write_bytes(path, save(tensors, metadata={"mvpp": json.dumps(meta)}))
+    _io.write_checked(path, tensors, meta, key=_CHECKPOINT_KEY, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
 
 
 def load_checkpoint(path: str, model: Optional[torch.nn.Module] = None,
@@ -113,20 +107,17 @@ def load_checkpoint(path: str, model: Optional[torch.nn.Module] = None,
     """Load a checkpoint written by save_checkpoint into model/optimizer; returns its `extra` dict.
 
     which="model": the weights at the end of the last epoch (to resume); "best": the best weights
-    (to evaluate; falls back to "model" when the file has none)."""
-    from safetensors import safe_open
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    try:
-        with safe_open(path, framework="pt", device=str(map_location)) as f:
-            meta = json.loads((f.metadata() or {}).get("mvpp", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path!r} is not a readable safetensors checkpoint ({e})") from e
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path!r} is not an mvpp checkpoint (format {meta.get('format')!r}, "
-                         f"expected {CHECKPOINT_FORMAT!r})")
+    (to evaluate; falls back to "model" when the file has none). The whole file is verified first
+    (format, version, SHA-256 over header and tensors): a torn, altered or foreign file raises
+    ValueError, a missing one FileNotFoundError, before anything is loaded into model/optimizer."""
+    if which not in ("model", "best"):
+        raise ValueError(f"which must be 'model' or 'best', got {which!r}")
+    what = "mvpp checkpoint"
+    tensors, meta = _io.read_checked(path, key=_CHECKPOINT_KEY, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION,
+                                     what=what, old=_OLD_CHECKPOINTS)
+    if not isinstance(meta.get("extra", {}), dict) or not isinstance(meta.get("optimizer", {}), dict):
+        raise ValueError(f"{path!r} is not a valid {what}: malformed header")
+    tensors = {k: v.to(map_location) for k, v in tensors.items()}
     if model is not None:
         pre = "best." if which == "best" and any(k.startswith("best.") for k in tensors) else "model."
         sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
@@ -135,9 +126,12 @@ def load_checkpoint(path: str, model: Optional[torch.nn.Module] = None,
             raise ValueError(f"checkpoint {path!r} does not fit this model: missing {missing}, unexpected "
                              f"{unexpected} (was it written by another model or config?)")
     if optimizer is not None and "optimizer" in meta:
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"checkpoint {path!r}: its optimizer state does not fit this optimizer ({e})") from e
         if "rng.torch" in tensors:
-            torch.set_rng_state(tensors["rng.torch"])
+            torch.set_rng_state(tensors["rng.torch"].cpu())
     return meta.get("extra", {})
 
 

@@ -41,21 +41,20 @@ Update (`index.update`)
     of items added (`index.nbytes()`, `index.memory_bound_bytes()`).
 
 Save/load: one safetensors file whose metadata holds a JSON header (format name, version, metric,
-branching, d, dtype, configuration and a SHA-256 of every tensor's bytes); written to a temporary file
-in the same directory, fsynced, then os.replace'd; a truncated, altered or foreign file is refused.
+branching, d, dtype, configuration and a SHA-256 over the header's fields and every tensor's bytes),
+through mvpp_kernels._io: written to a temporary file in the same directory, fsynced, then
+os.replace'd; a truncated, altered (header or tensors) or foreign file is refused.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from . import _io
 from ._checks import FLOAT_DTYPES, check_finite, check_tensor
 from .ops.cluster_lookup import cluster_lookup
 from .ops.cluster_update import cluster_update
@@ -65,8 +64,11 @@ from .ops.exact_search.reference import compute_dtype
 __all__ = ["HierarchicalIndex", "kmeans", "retrieval_aggregate", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "mvpp.memory_bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the header too (issue 16); 1 hashed the tensors only
 _HEADER_KEY = "mvpp_header"
+_OLD_FORMATS = {(FORMAT_NAME, 1): "it is a version-1 mvpp memory bank, whose checksum does not cover its header "
+                                  "(an edited next_id/metric/max_members/split_factor would load silently); "
+                                  "this mvpp only loads version 2: rebuild it (e.g. `mvpp bank build`)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -802,99 +804,31 @@ class HierarchicalIndex:
             "n_splits": self.n_splits,
         }
 
-    @staticmethod
-    def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-        h = hashlib.sha256()
-        for name in sorted(tensors):
-            t = tensors[name].detach().to("cpu").contiguous()
-            h.update(name.encode())
-            h.update(str(t.dtype).encode())
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
-
     def save(self, path: str | os.PathLike) -> None:
         """Write the index to `path` atomically (temporary file in the same directory, fsync,
-        os.replace): a reader sees the old file or the new one, never a partial one."""
-        from safetensors.torch import save as st_save
-
-        path = os.fspath(path)
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.tensors().items()}
-        header = self._header()
-        header["sha256"] = self._checksum(tensors)
-        blob = st_save(tensors, metadata={_HEADER_KEY: json.dumps(header, sort_keys=True)})
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:  # make the rename itself durable
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+        os.replace, directory fsync): a reader sees the old file or the new one, never a partial one.
+        The SHA-256 in the header covers the header's own fields and every tensor (mvpp_kernels._io)."""
+        _io.write_checked(path, self.tensors(), self._header(), key=_HEADER_KEY, fmt=FORMAT_NAME,
+                          version=FORMAT_VERSION)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "HierarchicalIndex":
         """Read an index written by `save`. Raises ValueError for a file that is not an mvpp memory
-        bank, has an unsupported version, is truncated, or whose contents do not match its checksum."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load as st_load
-
+        bank, has an unsupported version, is truncated, or whose header or tensors do not match its
+        checksum; FileNotFoundError for a missing file."""
         path = os.fspath(path)
-        with open(path, "rb") as f:
-            blob = f.read()
+        tensors, header = _io.read_checked(path, key=_HEADER_KEY, fmt=FORMAT_NAME, version=FORMAT_VERSION,
+                                           what="mvpp memory bank file", required=_TENSOR_FIELDS, old=_OLD_FORMATS)
         what = f"{path!r} is not a valid mvpp memory bank file"
-        try:
-            tensors = st_load(blob)
-            meta = _read_metadata(blob)
-        except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{what}: cannot parse it as safetensors (truncated or corrupt?): {e}") from None
-        if meta is None or _HEADER_KEY not in meta:
-            raise ValueError(f"{what}: it has no {_HEADER_KEY!r} header (a foreign safetensors file?)")
-        try:
-            header = json.loads(meta[_HEADER_KEY])
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{what}: its header is not JSON: {e}") from None
-        if header.get("format") != FORMAT_NAME:
-            raise ValueError(f"{what}: format {header.get('format')!r}, expected {FORMAT_NAME!r}")
-        if header.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{what}: format version {header.get('version')!r}; this mvpp reads version "
-                             f"{FORMAT_VERSION}")
-        missing = [n for n in _TENSOR_FIELDS if n not in tensors]
-        if missing:
-            raise ValueError(f"{what}: missing tensors {missing}")
-        if cls._checksum({n: tensors[n] for n in _TENSOR_FIELDS}) != header.get("sha256"):
-            raise ValueError(f"{what}: checksum mismatch (the file was altered or corrupted)")
-        if str(tensors["member_keys"].dtype).replace("torch.", "") != header["dtype"] or \
-                tensors["member_keys"].shape[1] != header["d"]:
+        if str(tensors["member_keys"].dtype).replace("torch.", "") != header.get("dtype") or \
+                tensors["member_keys"].dim() != 2 or tensors["member_keys"].shape[1] != header.get("d"):
             raise ValueError(f"{what}: header (d, dtype) does not match the stored keys")
-        idx = cls(**{n: tensors[n].to(device) for n in _TENSOR_FIELDS}, metric=header["metric"],
-                  branching=tuple(header["branching"]), max_members=header["max_members"],
-                  max_fine_clusters=header["max_fine_clusters"], split_factor=header["split_factor"],
-                  base_spread=header["base_spread"], next_id=header["next_id"], next_seq=header["next_seq"],
-                  n_splits=header["n_splits"])
+        try:
+            idx = cls(**{n: tensors[n].to(device) for n in _TENSOR_FIELDS}, metric=header["metric"],
+                      branching=tuple(header["branching"]), max_members=header["max_members"],
+                      max_fine_clusters=header["max_fine_clusters"], split_factor=header["split_factor"],
+                      base_spread=header["base_spread"], next_id=header["next_id"], next_seq=header["next_seq"],
+                      n_splits=header["n_splits"])
+        except KeyError as e:
+            raise ValueError(f"{what}: its header has no field {e}") from None
         return idx
-
-
-def _read_metadata(blob: bytes) -> Optional[dict]:
-    """The `__metadata__` of a safetensors blob (the header is an 8-byte length + JSON)."""
-    if len(blob) < 8:
-        raise ValueError("file shorter than a safetensors header")
-    n = int.from_bytes(blob[:8], "little")
-    if n > len(blob) - 8:
-        raise ValueError("header length beyond the end of the file")
-    return json.loads(blob[8:8 + n].decode("utf-8")).get("__metadata__")
-

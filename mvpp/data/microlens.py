@@ -22,6 +22,7 @@ per-event type or time for comments and shares).
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 
 from .synthetic import VideoData
 
-__all__ = ["FILES", "MicroLensTable", "read_microlens", "microlens_split", "event_streams", "load_microlens",
+__all__ = ["FILES", "MicroLensTable", "MicroLensParseError", "read_microlens", "microlens_split", "event_streams", "load_microlens",
            "load_microlens_features", "find_video"]
 
 FILES = {
@@ -74,45 +75,88 @@ def _sort_key(i: str):
     return (0, int(i), "") if _is_int(i) else (1, 0, i)
 
 
+class MicroLensParseError(ValueError):
+    """A malformed line in a MicroLens file; the message names the file (full path) and the line."""
+
+
+def _bad(path: str, line: int, expected: str, got: str) -> MicroLensParseError:
+    return MicroLensParseError(f"{path} line {line}: expected {expected}, got {got.strip()[:80]!r}")
+
+
+def _lines(path: str):
+    """(line number, text) of a text file; a byte that is not UTF-8 is reported with its file and line."""
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            try:
+                yield ln, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise MicroLensParseError(f"{path} line {ln}: not UTF-8 text ({e.reason} at byte "
+                                          f"{e.start})") from None
+
+
+def _csv_rows(path: str):
+    """(line number where the row starts, row) of a CSV file (quoted fields may span lines)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise MicroLensParseError(f"{path} line {line}: not UTF-8 text ({e.reason})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise MicroLensParseError(f"{path} line {reader.line_num}: malformed CSV ({e})") from None
+        yield start, row
+        start = reader.line_num + 1
+
+
 def read_microlens(root: str) -> MicroLensTable:
+    """Parse the four MicroLens files; a malformed line raises MicroLensParseError naming file and line."""
     titles = {}
-    with open(_path(root, "titles"), newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f)):
-            if not row:
-                continue
-            if n == 0 and not _is_int(row[0].strip()):
-                continue  # header
-            titles[row[0].strip()] = ",".join(row[1:]).strip()
+    path = _path(root, "titles")
+    for ln, row in _csv_rows(path):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if ln == 1 and not _is_int(row[0].strip()):
+            continue  # header
+        if not row[0].strip():
+            raise _bad(path, ln, "'video,title' with a video id", ",".join(row))
+        titles[row[0].strip()] = ",".join(row[1:]).strip()
     likes, views = {}, {}
-    with open(_path(root, "likes_views"), encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
-            if not line.strip():
-                continue
-            if len(parts) < 3 or not (_is_int(parts[1]) and _is_int(parts[2])):
-                raise ValueError(f"{FILES['likes_views']} line {ln}: expected 'video<TAB>likes<TAB>views', "
-                                 f"got {line.strip()[:80]!r}")
-            likes[parts[0].strip()], views[parts[0].strip()] = int(parts[1]), int(parts[2])
+    path = _path(root, "likes_views")
+    for ln, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 3 or not parts[0].strip() or not (_is_int(parts[1]) and _is_int(parts[2])):
+            raise _bad(path, ln, "'video<TAB>likes<TAB>views' (integer likes and views)", line)
+        likes[parts[0].strip()], views[parts[0].strip()] = int(parts[1]), int(parts[2])
     comments: dict = {}
-    with open(_path(root, "comments"), encoding="utf-8") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 2:
-                raise ValueError(f"{FILES['comments']} line {ln}: expected 'user<TAB>video<TAB>comment'")
-            vid = parts[1].strip()
-            comments[vid] = comments.get(vid, 0) + 1
+    path = _path(root, "comments")
+    for ln, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2 or not parts[1].strip():
+            raise _bad(path, ln, "'user<TAB>video<TAB>comment'", line)
+        vid = parts[1].strip()
+        comments[vid] = comments.get(vid, 0) + 1
     inter: dict = {}
-    with open(_path(root, "pairs"), newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.reader(f)):
-            if not row:
-                continue
-            if n == 0 and not _is_int(row[-1].strip()):
-                continue  # header
-            if len(row) < 3:
-                raise ValueError(f"{FILES['pairs']} row {n + 1}: expected user,item,timestamp")
-            inter.setdefault(row[1].strip(), []).append(int(row[2]) / 1000.0)
+    path = _path(root, "pairs")
+    for ln, row in _csv_rows(path):
+        if not row or not any(c.strip() for c in row):
+            continue
+        if ln == 1 and not _is_int(row[-1].strip()):
+            continue  # header
+        if len(row) < 3 or not row[1].strip() or not _is_int(row[2].strip()):
+            raise _bad(path, ln, "'user,item,timestamp' (timestamp: integer milliseconds)", ",".join(row))
+        inter.setdefault(row[1].strip(), []).append(int(row[2]) / 1000.0)
     interactions = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in inter.items()}
     all_ids = sorted(titles, key=_sort_key)
     kept = [i for i in all_ids if comments.get(i, 0) > 0]

@@ -75,13 +75,13 @@ def test_checkpoint_round_trip_and_refusals(tiny, tmp_path):
     blob = open(p, "rb").read()
     torn = str(tmp_path / "torn.safetensors")
     open(torn, "wb").write(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match="not a readable safetensors checkpoint"):
+    with pytest.raises(ValueError, match="not a valid mvpp checkpoint: cannot parse it as safetensors"):
         load_checkpoint(torn, m2)
     from safetensors.torch import save_file
 
     foreign = str(tmp_path / "foreign.safetensors")
     save_file({"x": torch.zeros(2)}, foreign)
-    with pytest.raises(ValueError, match="not an mvpp checkpoint"):
+    with pytest.raises(ValueError, match="not a valid mvpp checkpoint: it has no .mvpp. header"):
         load_checkpoint(foreign, m2)
     other = fresh("MVPPModel", tiny, use_memory=False)
     with pytest.raises(ValueError, match="does not fit this model"):
