@@ -32,7 +32,8 @@ def _define(schema: str) -> None:
 # selective_scan (issue: foundation)
 #   u, delta: (batch, dim, L); A: (dim, N); B, C: (dim, N) or (batch, G, N, L); D, delta_bias: (dim,)
 #   z: (batch, dim, L); initial_state: (batch, dim, N) float32; lengths: (batch,) int64
-#   chunk_states: (batch, dim, ceil(L / chunk_size), N) float32 -- the state after each chunk,
+#   chunk_states: (batch, dim, ceil(L / chunk_size) * N) float32, [b][d][chunk][n] flattened (a 4-D
+#   tensor would make torch.export guard on ceil(L / chunk_size) != 1) -- the state after each chunk,
 #   saved by the forward for the backward's recomputation (only chunk boundaries, never every step).
 # ----------------------------------------------------------------------------------------------
 _define(

@@ -111,7 +111,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mhp_scan_fwd_cpu(
   Tensor y_left = at::empty({batch, dim, L}, opts);
   Tensor integral = at::empty({batch, dim}, opts);
   Tensor last_state = at::empty({batch, dim, N}, opts);
-  Tensor chunk_states = at::empty({batch, dim, nc, N}, opts);
+  Tensor chunk_states = at::empty({batch, dim, nc * N}, opts);  // [b][d][chunk][n], flat (see _library.py)
 
   AT_DISPATCH_FLOATING_TYPES(ct, "mhp_scan_fwd_cpu", [&] {
     using T = scalar_t;
@@ -153,9 +153,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const int NP = mvpp::mhp_cpu::padded_state_size(N);
   const int64_t nc = (L + chunk_size - 1) / chunk_size;
   TORCH_CHECK(dy.sizes() == u.sizes(), "mhp_scan_bwd: dy must be (batch, dim, L)");
-  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(0) == batch && chunk_states.size(1) == dim &&
-                  chunk_states.size(2) == nc && chunk_states.size(3) == N,
-              "mhp_scan_bwd: chunk_states must be (batch, dim, ceil(L / chunk_size), N) from mhp_scan_fwd");
+  TORCH_CHECK(chunk_states.dim() == 3 && chunk_states.size(0) == batch && chunk_states.size(1) == dim &&
+                  chunk_states.size(2) == nc * N,
+              "mhp_scan_bwd: chunk_states must be (batch, dim, ceil(L / chunk_size) * N) from mhp_scan_fwd");
   Tensor u_ = cvt(u, ct), delta_ = cvt(delta, ct), dt_ = cvt(dt, ct), dy_ = cvt(dy, ct);
   Tensor A_ = pad_states(A, NP, ct), B_ = pad_states(B, NP, ct), C_ = pad_states(C, NP, ct);
   Tensor D_ = cvt_opt(D, ct), z_ = cvt_opt(z, ct), bias_ = cvt_opt(delta_bias, ct);

@@ -166,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(const Tensor& u, const
   auto opts = u.options().dtype(p.ct);
   Tensor out = at::empty({p.batch, p.dim, p.L}, opts);
   Tensor last_state = at::empty({p.batch, p.dim, p.N}, opts);
-  Tensor chunk_states = at::empty({p.batch, p.dim, nc, p.N}, opts);
+  Tensor chunk_states = at::empty({p.batch, p.dim, nc * p.N}, opts);  // [b][d][chunk][n], flat (see _library.py)
   // Chunk scratch is per thread; a chunk longer than L only wastes scratch.
   const int64_t cs_eff = std::max<int64_t>(1, std::min(chunk_size, p.L));
 
@@ -235,10 +235,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const int64_t nc = (L + chunk_size - 1) / chunk_size;
   TORCH_CHECK(dout.sizes() == u.sizes(), "selective_scan_bwd: dout must have u's shape ", u.sizes(), ", got ",
               dout.sizes());
-  TORCH_CHECK(chunk_states.dim() == 4 && chunk_states.size(0) == batch && chunk_states.size(1) == dim &&
-                  chunk_states.size(2) == nc && chunk_states.size(3) == N,
-              "selective_scan_bwd: chunk_states must be (batch=", batch, ", dim=", dim, ", ceil(L / chunk_size)=", nc,
-              ", N=", N, ") as saved by the forward with the same chunk_size, got ", chunk_states.sizes());
+  TORCH_CHECK(chunk_states.dim() == 3 && chunk_states.size(0) == batch && chunk_states.size(1) == dim &&
+                  chunk_states.size(2) == nc * N,
+              "selective_scan_bwd: chunk_states must be (batch=", batch, ", dim=", dim, ", ceil(L / chunk_size) * N=", nc,
+              " * ", N, ") as saved by the forward with the same chunk_size, got ", chunk_states.sizes());
   Tensor dout_c = as_compute(dout, p.ct);
   Tensor cstates = as_compute(chunk_states, p.ct);
   Tensor dlast;

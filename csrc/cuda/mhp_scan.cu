@@ -182,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mhp_scan_fwd_cuda(
   Tensor y_left = at::empty({s.batch, s.dim, s.L}, f32);
   Tensor integral = at::empty({s.batch, s.dim}, f32);
   Tensor last_state = at::empty({s.batch, s.dim, s.N}, f32);
-  Tensor chunk_states = at::empty({s.batch, s.dim, n_chunks, s.N}, f32);
+  Tensor chunk_states = at::empty({s.batch, s.dim, n_chunks * s.N}, f32);  // [b][d][chunk][n], flat
   if (s.L == 0 || s.batch * s.dim == 0) {
     // Nothing to scan (the public wrapper never sends L == 0): the state stays the initial one.
     y.zero_();

@@ -215,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cuda(const Tensor& u, cons
   const Shapes& s = r.s;
   Tensor out = at::empty({s.batch, s.dim, s.L}, u.options());
   Tensor last_state = at::empty({s.batch, s.dim, s.N}, u.options().dtype(at::kFloat));
-  Tensor chunk_states = at::empty({s.batch, s.dim, p.n_chunks, s.N}, u.options().dtype(at::kFloat));
+  Tensor chunk_states = at::empty({s.batch, s.dim, p.n_chunks * s.N}, u.options().dtype(at::kFloat));  // flat
   if (s.batch == 0 || s.dim == 0) return {out, last_state, chunk_states};
   p.out = out.data_ptr();
   p.last_state = last_state.data_ptr<float>();

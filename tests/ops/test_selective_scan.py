@@ -286,7 +286,7 @@ def test_cpu_chunk_sizes(monkeypatch, chunk_size):
     Bk = x["B"].detach().unsqueeze(1)
     _, _, cs = torch.ops.mvpp.selective_scan_fwd(u, x["delta"].detach(), x["A"].detach(), Bk, Bk, None, None, None,
                                                  None, None, True, chunk_size)
-    assert cs.shape == (u.shape[0], u.shape[1], n_chunks, x["A"].shape[1])
+    assert cs.shape == (u.shape[0], u.shape[1], n_chunks * x["A"].shape[1])  # [b][d][chunk][n], flat
 
 
 def test_cpu_wide_state_and_many_channels():

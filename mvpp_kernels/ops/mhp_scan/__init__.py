@@ -12,7 +12,7 @@ Kernel contract (every backend's mhp_scan_fwd / mhp_scan_bwd, see `_library.py` 
 - The wrapper handles L == 0 itself: kernels always see L >= 1 (a row may still have length 0).
 - Positions at or past lengths[b] must not be read (they may hold NaN); y / y_left / every
   per-position gradient must be written as 0 there.
-- chunk_states: (batch, dim, ceil(L / chunk_size), N), the state h^+ after each chunk's last
+- chunk_states: (batch, dim, ceil(L / chunk_size) * N) ([b][d][chunk][n] flattened), the state h^+ after each chunk's last
   valid event (each backend reads back only what it wrote).
 """
 from __future__ import annotations

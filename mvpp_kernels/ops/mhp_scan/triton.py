@@ -524,7 +524,7 @@ def mhp_scan_fwd_triton(
     y_left = u.new_empty((batch, dim, L), dtype=sd)
     integral = u.new_empty((batch, dim), dtype=sd)
     last_state = u.new_empty((batch, dim, N), dtype=sd)
-    chunk_states = u.new_empty((batch, dim, n_chunks, N), dtype=sd)
+    chunk_states = u.new_empty((batch, dim, n_chunks * N), dtype=sd)  # [b][d][chunk][n], flat
     n_rows = batch * dim
     if n_rows == 0 or L == 0:
         # The public wrapper never sends L == 0; keep the op total anyway (nothing to scan).

@@ -47,7 +47,9 @@ def _fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, lengths, delta
     n_chunks = (L + chunk_size - 1) // chunk_size
     out = u.new_empty((batch, dim, L))
     last_state = u.new_empty((batch, dim, N), dtype=sd)
-    chunk_states = u.new_empty((batch, dim, n_chunks, N), dtype=sd)
+    # Flat (batch, dim, n_chunks * N), not 4-D: a 4-D fake's channels-last contiguity probe guards on
+    # n_chunks != 1, which breaks torch.export with a dynamic L range spanning chunk_size.
+    chunk_states = u.new_empty((batch, dim, n_chunks * N), dtype=sd)
     return out, last_state, chunk_states
 
 

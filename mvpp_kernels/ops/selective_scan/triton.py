@@ -413,7 +413,7 @@ def selective_scan_fwd_triton(
     n_chunks = (L + chunk_size - 1) // chunk_size
     out = u.new_empty((batch, dim, L))
     last_state = u.new_empty((batch, dim, N), dtype=sd)
-    chunk_states = u.new_empty((batch, dim, n_chunks, N), dtype=sd)
+    chunk_states = u.new_empty((batch, dim, n_chunks * N), dtype=sd)  # [b][d][chunk][n], flat
     if batch * dim == 0:
         return out, last_state, chunk_states
     var_B, dpg_B, sB = _bc_layout(B, dim)
