@@ -303,13 +303,24 @@ def sample(model, T, batch: Optional[int] = None, *, max_events: int = 10_000,
 # Prediction
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def predict_next(model, times, marks, lengths=None, *, quantiles=(0.1, 0.5, 0.9), grid: int = 4001):
+def _gauss_legendre_panels(n_panels: int, order: int = 16):
+    """Nodes and weights of composite Gauss-Legendre on [0, 1] (n_panels panels of `order` nodes)."""
+    import numpy as np
+
+    xg, wg = np.polynomial.legendre.leggauss(order)
+    edges = np.linspace(0.0, 1.0, n_panels + 1)
+    x = ((edges[:-1, None] + edges[1:, None]) / 2 + (edges[1:, None] - edges[:-1, None]) / 2 * xg[None]).ravel()
+    w = ((edges[1:, None] - edges[:-1, None]) / 2 * wg[None]).ravel()
+    return torch.from_numpy(x), torch.from_numpy(w)
+
+
+def predict_next(model, times, marks, lengths=None, *, quantiles=(0.1, 0.5, 0.9), grid: int = 16):
     """Next event after each history: expected gap E[tau], gap quantiles, next-mark distribution.
 
     Survival S(tau) = exp(-Lambda(tau)) with the exact compensator; quantiles solve Lambda(tau) =
     -log(1-q) by bisection (bracket [0, -log(1-q)/sum mu] since Lambda >= sum(mu) tau); E[tau] =
-    int S and P(k) = int lambda_k S by the trapezoid rule on a grid dense near 0, up to the 1 - 1e-12
-    quantile (the neglected tail mass is < 1e-12 * that horizon). Returns a dict of float64 tensors:
+    int S and P(k) = int lambda_k S by composite Gauss-Legendre (`grid` panels of 16 nodes) in x with
+    tau = h x^3 (dense near 0), h the 1 - 1e-12 quantile (the neglected tail mass is < 1e-12 h). Returns a dict of float64 tensors:
     mean (B,), quantiles (B, Q), mark_probs (B, K), last_time (B,), expected_time (B,) (absolute)."""
     Bsz = times.shape[0]
     mu, a, b = model.tail(times, marks, lengths)
@@ -331,13 +342,14 @@ def predict_next(model, times, marks, lengths=None, *, quantiles=(0.1, 0.5, 0.9)
 
     qs = torch.stack([quant(float(q)) for q in quantiles], dim=1) if len(quantiles) else torch.zeros(Bsz, 0)
     horizon = quant(1 - 1e-12)
-    x = torch.linspace(0, 1, grid, dtype=torch.float64)
-    tau = horizon[:, None] * x[None] ** 3  # (B, G)
+    x, w = _gauss_legendre_panels(grid)
+    tau = horizon[:, None] * x[None] ** 3  # (B, G): dense near 0, where fast decays live
+    wt = w[None] * 3 * x[None] ** 2 * horizon[:, None]  # d tau = 3 h x^2 dx
     z = torch.zeros_like(tau)
     S = torch.exp(-tail_compensator(mu, a, b, z, tau).sum(-1))  # (B, G)
     lam = tail_intensity(mu, a, b, tau)  # (B, G, K)
-    mean = torch.trapezoid(S, tau, dim=1)
-    pk = torch.trapezoid(lam * S[..., None], tau[..., None].expand_as(lam), dim=1)
+    mean = (S * wt).sum(1)
+    pk = (lam * (S * wt)[..., None]).sum(1)
     pk = pk / pk.sum(-1, keepdim=True)
     return {"mean": mean, "quantiles": qs, "mark_probs": pk, "last_time": tn, "expected_time": tn + mean}
 
