@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
     i = sub.add_parser("info", help="what is built and which backend auto picks")
     i.set_defaults(func=cmd_info)
+    from .hawkes_cli import register as _register_hawkes  # mvpp hawkes fit|sample|gof|predict
+
+    _register_hawkes(sub)
     return p
 
 
