@@ -11,7 +11,7 @@ import torch
 
 from ... import _library  # noqa: F401  (defines mvpp::cluster_update)
 from ..._backend import register_op_info, resolve_backend
-from ..._checks import FLOAT_DTYPES, check_finite, check_tensor
+from ..._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from .reference import cluster_update_ref, fold_ref, route_greedy_ref
 
 __all__ = ["cluster_update", "cluster_update_ref", "route_greedy_ref", "fold_ref"]
@@ -75,6 +75,11 @@ def cluster_update(
     dv = new_values.shape[1]
     check_tensor("fine_value_mean", fine_value_mean, shape=(cf, dv), dims="(cf, dv)", dtypes=(torch.float64,))
     check_tensor("fine_counts", fine_counts, shape=(cf,), dims="(cf,)", dtypes=(torch.int64,))
+    check_same_device("new_keys", new_keys, new_values=new_values, coarse_centroids=coarse_centroids,
+                      coarse_offsets=coarse_offsets, fine_centroids=fine_centroids, fine_mean=fine_mean,
+                      fine_sq=fine_sq, fine_value_mean=fine_value_mean, fine_counts=fine_counts)
+    if d == 0:
+        raise ValueError("new_keys must have a feature dimension d >= 1, got shape (m, 0)")
     if c1 == 0 or cf == 0:
         raise ValueError("the cluster tree is empty (no coarse or no fine clusters)")
     if check_inputs and not torch.compiler.is_compiling():

@@ -75,6 +75,8 @@ def _validate(keys, queries, k, metric, check_inputs):
         raise ValueError(f"queries must have d = {d} columns like keys (n, d), got shape {tuple(queries.shape)}")
     if n == 0:
         raise ValueError("keys is empty (n = 0): there is nothing to search")
+    if d == 0:
+        raise ValueError("keys must have a feature dimension d >= 1, got shape (n, 0)")
     if n > MAX_ID:
         raise ValueError(f"keys has n = {n} rows; at most {MAX_ID} are supported")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -134,8 +136,26 @@ def exact_search(
     keys, queries = keys.contiguous(), queries.contiguous()
     if name == "reference":
         return exact_search_ref(keys, queries, k, ex)
+    needs_grad = torch.is_grad_enabled() and (keys.requires_grad or queries.requires_grad)
+    kq = (keys.detach(), queries.detach()) if needs_grad else (keys, queries)
     if name == "triton":
         from . import triton as _triton
 
-        return _triton.exact_search_triton(keys, queries, k, ex)
-    return torch.ops.mvpp.exact_search(keys, queries, k, ex)
+        scores, ids = _triton.exact_search_triton(kq[0], kq[1], k, ex)
+    else:
+        scores, ids = torch.ops.mvpp.exact_search(kq[0], kq[1], k, ex)
+    if needs_grad:
+        scores = _attach_score_grad(scores, ids, keys, queries)
+    return scores, ids
+
+
+def _attach_score_grad(scores, ids, keys, queries):
+    """The kernels have no backward: give the returned scores the gradient of s = <q, keys[id]> for
+    the selected ids (what the reference's autograd gives), keeping the kernel's values bit for bit.
+    Slots without a candidate (id -1) get no gradient."""
+    acc = scores.dtype
+    valid = ids >= 0
+    rows = keys[ids.clamp(min=0)].to(acc)  # (q, k, d)
+    s = (queries.to(acc)[:, None, :] * rows).sum(-1)
+    s = torch.where(valid, s, torch.zeros_like(s))
+    return scores + (s - s.detach())

@@ -204,7 +204,9 @@ def _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_
         _check_gaps("dt_end", dt_end, None)
     # The state must decay, never grow: exp(A Δ dt) with A <= 0 (and Δ >= 0) is what keeps every
     # exponent argument <= 0, so gaps of any length cannot overflow.
-    if A.numel() and _masked_stats(A)[1] > 0:
+    # _masked_stats reports the largest *finite* value, so +inf is counted among the non-finite ones
+    # and checked separately (it grows the state like any positive A).
+    if A.numel() and ((st := _masked_stats(A))[1] > 0 or (st[2] and bool((A.detach() > 0).any()))):
         raise ValueError("A must be <= 0 (a decaying state; parametrise it as -exp(A_log)); "
                          f"it has {int((A.detach() > 0).sum())} positive value(s)")
     if check_inputs:
