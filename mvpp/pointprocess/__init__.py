@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ExpHawkes", "MHPModel", "tail_intensity", "tail_compensator", "sample", "SampleResult",
+__all__ = ["ExpHawkes", "SelfCorrecting", "MHPModel", "tail_intensity", "tail_compensator", "sample", "SampleResult",
            "predict_next", "gap_compensators", "time_rescaling", "ks_exp1", "gof", "qq_plot"]
 
 
@@ -436,3 +436,6 @@ def qq_plot(residuals: dict, path: str, title: str = "time-rescaling QQ vs Exp(1
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+from .classic import SelfCorrecting  # noqa: E402  (no dependency on the rest of this module)
