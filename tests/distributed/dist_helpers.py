@@ -150,4 +150,48 @@ def all_checks(rank, world, n, exact_dir, hier_dir):
     out = exact_checks(rank, world, n, exact_dir)
     if hier_dir:
         out["hier"] = hier_checks(rank, world, hier_dir)
+        out["model"] = model_checks(rank, world)
+    return out
+
+
+def memory_module(hierarchical: bool, shard):
+    from mvpp.models.memory import TopologyMemoryBank
+
+    torch.manual_seed(0)
+    return TopologyMemoryBank(D, 3, 4, traj_dim=0, k=4, hierarchical=hierarchical, shard=shard)
+
+
+def model_inputs(rank: int):
+    keys, _ = data(21, 40, "ties")
+    values = torch.randn(40, 3, generator=torch.Generator().manual_seed(22))
+    content = queries_of(23, rank, "ties")
+    exclude = torch.arange(content.shape[0]) * 3 + rank  # bank ids to skip (self-exclusion)
+    return keys, values, content, exclude
+
+
+def model_checks(rank, world):
+    """TopologyMemoryBank under a process group: "auto" shards; flat forward results per rank."""
+    keys, values, content, exclude = model_inputs(rank)
+    out = {}
+    m = memory_module(False, "auto")
+    m.build(keys, values)
+    out["auto_sharded"] = m.sharded is not None and m.sharded.world == world
+    out["n_local"] = m.sharded.n_local
+    with torch.no_grad():
+        r = m(content, exclude=exclude)
+    out["flat"] = {k: v for k, v in r.items()}
+    # gradient reaches the query through the sharded bank's gathered keys
+    c = content.clone().requires_grad_(True)
+    m(c, exclude=exclude)["rep"].sum().backward()
+    out["flat_grad"] = c.grad
+    # a rank with an empty batch still takes part (the others are not blocked)
+    with torch.no_grad():
+        out["empty_batch"] = m(content[: 0 if rank == 1 else 2])["ids"].shape
+    h = memory_module(True, "auto")
+    h.build(keys, values)
+    with torch.no_grad():
+        out["hier_ids"] = h(content, exclude=exclude)["ids"]
+    new_keys, _ = data(24, 5, "ties")
+    out["hier_update_ids"] = h.update(new_keys, torch.randn(5, 3, generator=torch.Generator().manual_seed(25)))
+    out["hier_size"] = h.size
     return out

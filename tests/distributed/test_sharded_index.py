@@ -240,3 +240,28 @@ def test_bad_input():
         bank.search(torch.zeros(2, 8), 1, exclude=torch.zeros(2))
     with pytest.raises(FileNotFoundError, match="missing manifest.json"):
         ShardedIndex.load("/nonexistent-mvpp-bank")
+
+
+def test_model_bank_sharded_equals_single_process(jobs):
+    """TopologyMemoryBank(hierarchical=False) under 2 gloo ranks (shard="auto" picks ShardedIndex)
+    returns exactly the single-process forward (rep, agg, ids) for each rank's batch, and the same
+    query gradient."""
+    _, outs, _, _ = jobs(2)
+    for r, out in enumerate(outs):
+        mo = out["model"]
+        assert mo["auto_sharded"] is True
+        assert mo["n_local"] == 20
+        keys, values, content, exclude = H.model_inputs(r)
+        single = H.memory_module(False, "auto")
+        single.build(keys, values)
+        assert single.sharded is None  # no process group here: the unchanged single-process path
+        with torch.no_grad():
+            want = single(content, exclude=exclude)
+        for name in ("rep", "agg", "ids"):
+            assert torch.equal(mo["flat"][name], want[name]), name
+        c = content.clone().requires_grad_(True)
+        single(c, exclude=exclude)["rep"].sum().backward()
+        assert torch.allclose(mo["flat_grad"], c.grad, rtol=0, atol=1e-6)
+        assert tuple(mo["empty_batch"]) == ((0, 4) if r == 1 else (2, 4))
+        assert mo["hier_ids"].shape == (content.shape[0], 4) and (mo["hier_ids"] >= 0).all()
+        assert torch.equal(mo["hier_update_ids"], torch.arange(40, 45)) and mo["hier_size"] == 45
