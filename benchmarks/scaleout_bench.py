@@ -10,7 +10,9 @@ Every rank runs with torch.set_num_threads(1). Medians of --repeats timed calls 
 each preceded by a barrier; rank 0's times.
 
     python benchmarks/scaleout_bench.py --ranks 1 2 4 --out benchmarks/results/scaleout.md
-    torchrun --nproc_per_node=2 benchmarks/scaleout_bench.py      # one world size, under torchrun
+    torchrun --nproc_per_node=2 benchmarks/scaleout_bench.py --items 20000 --queries 64   # one world size
+
+(under torchrun use the long option names: torchrun itself claims abbreviations such as --n)
 """
 from __future__ import annotations
 
@@ -113,10 +115,10 @@ def _table(rows, args, cmd):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--q", type=int, default=256)
+    ap.add_argument("--items", "--n", dest="n", type=int, default=200_000)
+    ap.add_argument("--dim", "--d", dest="d", type=int, default=64)
+    ap.add_argument("--topk", "--k", dest="k", type=int, default=10)
+    ap.add_argument("--queries", "--q", dest="q", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default="")
     args = ap.parse_args()

@@ -1,6 +1,6 @@
 """A sharded memory bank under torchrun (gloo on CPU, NCCL-free), end to end:
 
-    torchrun --nproc_per_node=2 -m mvpp_kernels.distributed.demo [--n 20000 --d 32 --k 10 --dir DIR]
+    torchrun --nproc_per_node=2 -m mvpp_kernels.distributed.demo [--items 20000 --dim 32 --topk 10 --queries 64 --dir DIR]
 
 Every rank builds its shard of the same seeded bank (global id g on rank g % N), searches its own
 queries collectively, checks the merged top-k against one `exact_search` over the whole bank
@@ -31,10 +31,10 @@ def _dyadic(g, n, d):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="sharded memory bank demo (run under torchrun)")
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--d", type=int, default=32)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--q", type=int, default=64, help="queries per rank")
+    ap.add_argument("--items", "--n", dest="n", type=int, default=20000)
+    ap.add_argument("--dim", "--d", dest="d", type=int, default=32)
+    ap.add_argument("--topk", "--k", dest="k", type=int, default=10)
+    ap.add_argument("--queries", "--q", dest="q", type=int, default=64, help="queries per rank")
     ap.add_argument("--dir", default="", help="where to save the bank (default: a temporary directory)")
     args = ap.parse_args(argv)
     if "RANK" in os.environ and not dist.is_initialized():
