@@ -112,7 +112,7 @@ class ShardedIndex:
     def owned(self, n_from: int, n_to: int) -> torch.Tensor:
         """Global ids in [n_from, n_to) owned by this rank."""
         first = n_from + (self.rank - n_from) % self.world
-        return torch.arange(first, n_to, self.world, dtype=torch.int64)
+        return torch.arange(first, max(first, n_to), self.world, dtype=torch.int64)  # empty when first >= n_to
 
     def _to_global(self, local: torch.Tensor) -> torch.Tensor:
         return torch.where(local >= 0, local * self.world + self.rank, local)

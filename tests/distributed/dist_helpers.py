@@ -195,3 +195,14 @@ def model_checks(rank, world):
     out["hier_update_ids"] = h.update(new_keys, torch.randn(5, 3, generator=torch.Generator().manual_seed(25)))
     out["hier_size"] = h.size
     return out
+
+
+def fewer_items_than_ranks(rank, world):
+    """Build an empty bank and add fewer items than there are ranks: ranks past the last new id own
+    none of them (regression: `owned` raised there, leaving the other ranks in the collective)."""
+    keys, values = data(60, 0, "dyadic")
+    bank = ShardedIndex.build(keys, values, kind="exact", metric="ip")
+    nk, nv = data(61, 1, "dyadic")
+    ids = bank.update(nk, nv, replicated=True)
+    ids0 = bank.update(nk[:0], nv[:0])  # nobody adds anything
+    return ids, ids0, bank.n_local, bank.search(nk, 2)

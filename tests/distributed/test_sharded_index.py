@@ -265,3 +265,12 @@ def test_model_bank_sharded_equals_single_process(jobs):
         assert tuple(mo["empty_batch"]) == ((0, 4) if r == 1 else (2, 4))
         assert mo["hier_ids"].shape == (content.shape[0], 4) and (mo["hier_ids"] >= 0).all()
         assert torch.equal(mo["hier_update_ids"], torch.arange(40, 45)) and mo["hier_size"] == 45
+
+
+def test_fewer_items_than_ranks():
+    outs = _spawn(H.fewer_items_than_ranks, 3)
+    nk, _ = H.data(61, 1, "dyadic")
+    for r, (ids, ids0, n_local, got) in enumerate(outs):
+        assert torch.equal(ids, torch.tensor([0])) and ids0.numel() == 0
+        assert n_local == (1 if r == 0 else 0)
+        _eq(got, pad_topk(*exact_search(nk, nk, 1, metric="ip"), 2))
