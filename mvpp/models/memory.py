@@ -15,6 +15,21 @@ through `update`, which calls the index's `cluster_update`: they are folded into
 running statistics and exemplars are bounded, so memory does not grow without bound.
 
 With `hierarchical=False` the same module uses flat `exact_search` (the MMRA memory).
+
+Sharding (`shard`): with `shard="auto"` (default) the bank is a `mvpp_kernels.distributed.ShardedIndex`
+when torch.distributed is initialised with world size > 1 (e.g. under torchrun), else the
+single-process path above, unchanged. `shard=True` always uses ShardedIndex (one shard without a
+process group), `shard=False` never does. Sharded, rank r keeps only the items with id % world == r
+(its own HierarchicalIndex, or flat keys for `hierarchical=False`); a search gathers every rank's
+queries, searches the local shard and merges the per-rank top-k (and the hits' keys and values) with
+all-gathers, ties broken by global id as in one index, so a flat sharded bank retrieves exactly what
+the single-process flat bank retrieves.
+
+Collective contract (sharded): `forward` (and `build`/`update`, which expect the SAME items on every
+rank: the bank is built and refreshed consistently everywhere) are collectives -- every rank must
+call them the same number of times in the same order (a rank with no batch left calls forward with
+a 0-row batch, or the evaluation loop pads, as mvpp.train does), with the same k. A rank that stops
+calling leaves the others blocked until the process group's timeout.
 """
 from __future__ import annotations
 
@@ -39,8 +54,12 @@ def default_branching(n: int) -> tuple[int, int]:
 class TopologyMemoryBank(nn.Module):
     def __init__(self, content_dim: int, value_dim: int, d_out: int, traj_dim: int = 0, k: int = 8,
                  traj_weight: float = 0.5, hierarchical: bool = True, branching: tuple = (), nprobe: tuple = (),
-                 backend: str | None = None):
+                 backend: str | None = None, shard: str | bool = "auto"):
         super().__init__()
+        if shard not in ("auto", True, False):
+            raise ValueError(f"shard must be 'auto', True or False, got {shard!r}")
+        self.shard = shard
+        self.sharded = None  # a ShardedIndex when the bank is sharded
         self.k, self.traj_weight, self.hierarchical = k, float(traj_weight), hierarchical
         self.branching, self.nprobe, self.backend = tuple(branching), tuple(nprobe), backend
         self.traj_proj = nn.Linear(traj_dim, 16) if traj_dim else None
@@ -52,12 +71,41 @@ class TopologyMemoryBank(nn.Module):
         self.register_buffer("bank_traj", torch.zeros(0, max(traj_dim, 1)), persistent=False)
 
     # -- the bank -------------------------------------------------------------------------------
+    def _use_shard(self) -> bool:
+        if self.shard == "auto":
+            import torch.distributed as dist
+
+            return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return bool(self.shard)
+
+    def _build_sharded(self, keys: torch.Tensor, values: torch.Tensor, seed: int) -> None:
+        from mvpp_kernels.distributed import ShardedIndex
+
+        if self.hierarchical:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            per_shard = max(1, -(-keys.shape[0] // world))
+            branching = self.branching or default_branching(per_shard)
+            self.sharded = ShardedIndex.build(keys, self.bank_values, kind="hierarchical", metric="cosine",
+                                              branching=branching, seed=seed, backend=self.backend)
+        else:
+            # keys are unit rows already: "ip" scores them exactly as the flat exact_search(metric="ip")
+            self.sharded = ShardedIndex.build(keys, self.bank_values, kind="exact", metric="ip")
+        # the whole bank is not kept on every rank: each rank holds its shard only
+        self.bank_keys = keys.new_zeros((0, keys.shape[1]))
+        self.bank_values = self.bank_values.new_zeros((0, self.bank_values.shape[1]))
+        self.index = None
+
     def build(self, keys: torch.Tensor, values: torch.Tensor, seed: int = 0) -> None:
         """Index past videos: keys (n, d) retrieval vectors, values (n, value_dim). Item i gets id i."""
         keys = F.normalize(keys.float(), dim=1)
         self.bank_keys = keys
         self.bank_values = values.float()
-        if self.hierarchical:
+        self.sharded = None
+        if self._use_shard():
+            self._build_sharded(keys, self.bank_values, seed)
+        elif self.hierarchical:
             HierarchicalIndex = op("HierarchicalIndex", "TopologyMemoryBank")
             branching = self.branching or default_branching(keys.shape[0])
             self.index = HierarchicalIndex.build(keys, values=self.bank_values, branching=branching,
@@ -73,10 +121,14 @@ class TopologyMemoryBank(nn.Module):
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, traj: torch.Tensor | None = None) -> torch.Tensor:
         """New past videos arrive: fold them into the hierarchical index (`cluster_update`: running
-        cluster statistics, bounded exemplars). Returns their ids."""
-        if self.index is None:
+        cluster statistics, bounded exemplars). Returns their ids. Sharded: a collective; every rank
+        passes the same items, each goes to its owning shard."""
+        if self.sharded is not None:
+            ids = self.sharded.update(F.normalize(keys.float(), dim=1), values.float(), replicated=True)
+        elif self.index is None:
             raise RuntimeError("update needs a hierarchical bank built with build() first")
-        ids = self.index.update(F.normalize(keys.float(), dim=1), values.float(), backend=self.backend)
+        else:
+            ids = self.index.update(F.normalize(keys.float(), dim=1), values.float(), backend=self.backend)
         if traj is not None and self.traj_proj is not None:
             grown = torch.zeros(int(ids.max()) + 1 if ids.numel() else self.bank_traj.shape[0],
                                 self.bank_traj.shape[1], device=self.bank_traj.device)
@@ -87,6 +139,8 @@ class TopologyMemoryBank(nn.Module):
 
     @property
     def size(self) -> int:
+        if self.sharded is not None:  # items ever added over all shards (the same on every rank)
+            return self.sharded.size
         return int(self.index.n_members) if self.index is not None else int(self.bank_keys.shape[0])
 
     def _nprobe(self):
@@ -96,6 +150,15 @@ class TopologyMemoryBank(nn.Module):
 
     def _search(self, q: torch.Tensor, k: int, exclude):
         """(ids (B, k), keys (B, k, d), values (B, k, dv), found (B, k))."""
+        if self.sharded is not None:
+            nprobe = None
+            ix = self.sharded.index  # this rank's tree (None: a flat shard); probes are per shard
+            if ix is not None:
+                nprobe = ((min(self.nprobe[0], ix.n_coarse), min(self.nprobe[1], ix.n_fine)) if self.nprobe else
+                          (max(1, math.ceil(ix.n_coarse / 2)), max(1, math.ceil(ix.n_fine / 4))))
+            _, ids, keys, values, found = self.sharded.search(q, k, nprobe=nprobe, exclude=exclude,
+                                                              return_rows=True)
+            return ids, keys.float(), values.float(), found
         if self.index is not None:
             _, ids = self.index.search(q, k, nprobe=self._nprobe(), exclude=exclude, backend=self.backend,
                                       check_inputs=False)

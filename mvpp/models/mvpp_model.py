@@ -48,7 +48,8 @@ class MVPPModel(PopularityModel):
         traj_dim = 2 * d + 2 if cfg.use_mhp else 0
         self.memory = (TopologyMemoryBank(retrieval_dim, 1 + text_dim, d, traj_dim=traj_dim, k=cfg.k_retrieval,
                                           traj_weight=cfg.traj_weight, hierarchical=cfg.hierarchical_bank,
-                                          branching=cfg.bank_branching, nprobe=cfg.bank_nprobe, backend=cfg.backend)
+                                          branching=cfg.bank_branching, nprobe=cfg.bank_nprobe, backend=cfg.backend,
+                                          shard=getattr(cfg, "bank_shard", "auto"))
                        if cfg.use_memory else None)
         n_tok = 3 + (self.mhp is not None) + (self.memory is not None)
         self.type_emb = nn.Parameter(torch.randn(n_tok, d) * 0.02)
