@@ -135,3 +135,26 @@ def test_cluster_kernels_still_match_reference_after_guards():
     r = cluster_update(x, None, coarse, coff, fine, *st, backend="reference")
     for s, t in zip(u, r):
         torch.testing.assert_close(s, t)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("bad_id", [2**32 - 2, 2**32 - 1, 2**32 + 5, -3])
+def test_triton_cluster_lookup_refuses_ids_outside_packed_range(bad_id):
+    # issue 16: the Triton scan packs ids into 32 bits, so 2**32 + 5 came back as 5 (silently wrong)
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(161)
+    d = 4
+    q, coarse, fine = torch.randn(2, d, generator=g), torch.randn(2, d, generator=g), torch.randn(3, d, generator=g)
+    mkeys = torch.randn(6, d, generator=g)
+    coff, foff = torch.tensor([0, 1, 3]), torch.tensor([0, 2, 4, 6])
+    mids = torch.arange(6, dtype=torch.int64)
+    mids[3] = bad_id
+    with pytest.raises(ValueError, match="member_ids"):
+        cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids, 4, (2, 3), backend="triton")
+    # the exact backends carry int64 ids unchanged
+    s, i = cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids, 6, (2, 3), backend="cpu")
+    assert (i == bad_id).any(dim=1).all()
+    mids[3] = 2**32 - 3  # the largest id the kernels carry: returned intact
+    s2, i2 = cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids, 6, (2, 3), backend="triton")
+    sr, ir = cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids, 6, (2, 3), backend="reference")
+    assert torch.equal(i2, ir) and torch.allclose(s2, sr)
