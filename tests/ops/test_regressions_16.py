@@ -158,3 +158,39 @@ def test_triton_cluster_lookup_refuses_ids_outside_packed_range(bad_id):
     s2, i2 = cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids, 6, (2, 3), backend="triton")
     sr, ir = cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids, 6, (2, 3), backend="reference")
     assert torch.equal(i2, ir) and torch.allclose(s2, sr)
+
+
+def test_selective_scan_reference_masks_nan_past_lengths():
+    # issue 16: NaN in the padded tail (past `lengths`) leaked into the oracle's outputs and grads
+    from mvpp_kernels.ops.selective_scan import selective_scan_ref
+
+    g = torch.Generator().manual_seed(162)
+    batch, dim, N, L = 2, 3, 4, 6
+    lengths = torch.tensor([4, 6])
+
+    def inputs(poison):
+        u = torch.randn(batch, dim, L, generator=g, dtype=torch.float64)
+        delta = torch.rand(batch, dim, L, generator=g, dtype=torch.float64)
+        z = torch.randn(batch, dim, L, generator=g, dtype=torch.float64)
+        B = torch.randn(batch, N, L, generator=g, dtype=torch.float64)
+        C = torch.randn(batch, N, L, generator=g, dtype=torch.float64)
+        if poison:
+            for t in (u, delta, z, B, C):
+                t[0, ..., 4:] = float("nan")
+        return [t.requires_grad_() for t in (u, delta, z, B, C)]
+
+    A = -torch.rand(dim, N, generator=g, dtype=torch.float64) - 0.1
+    g_state = g.get_state()
+    clean = inputs(False)
+    g.set_state(g_state)
+    dirty = inputs(True)
+    outs = []
+    for u, delta, z, B, C in (clean, dirty):
+        out, last = selective_scan_ref(u, delta, A, B, C, z=z, lengths=lengths, return_last_state=True)
+        (out.sum() + last.sum()).backward()
+        outs.append((out, last))
+    assert torch.isfinite(outs[1][0]).all() and torch.isfinite(outs[1][1]).all()
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for a, b in zip(clean, dirty):
+        assert torch.isfinite(b.grad).all()
+        assert torch.equal(a.grad, b.grad)
