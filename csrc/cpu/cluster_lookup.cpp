@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "mvpp/check_offsets.h"
 #include "mvpp/topk_select.h"
 
 #include <omp.h>
@@ -179,6 +180,7 @@ void check_common(const at::Tensor& keys, const at::Tensor& queries, int64_t k) 
               "mvpp: keys (n, d) and queries (q, d) must share d");
   TORCH_CHECK(keys.scalar_type() == queries.scalar_type(), "mvpp: queries must have keys' dtype");
   TORCH_CHECK(k >= 1, "mvpp: k must be >= 1");
+  TORCH_CHECK(keys.size(1) >= 1, "mvpp: the feature dimension d must be >= 1, got d = 0");
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -685,6 +687,8 @@ std::tuple<at::Tensor, at::Tensor> cluster_lookup_cpu(const at::Tensor& queries_
   TORCH_CHECK(mids.numel() == mkeys.size(0), "mvpp::cluster_lookup: one member id per member key");
   const int64_t c1 = coarse_.size(0), cf = fine_.size(0);
   TORCH_CHECK(coarse_off.numel() == c1 + 1 && fine_off.numel() == cf + 1, "mvpp::cluster_lookup: bad offsets");
+  check_csr_offsets(coarse_off, c1, cf, "mvpp::cluster_lookup", "coarse_offsets");
+  check_csr_offsets(fine_off, cf, mkeys.size(0), "mvpp::cluster_lookup", "fine_offsets");
   at::Tensor exclude;
   if (exclude_.has_value()) exclude = exclude_->to(at::kLong).contiguous();
   const at::ScalarType at_acc = acc_type(mkeys.scalar_type());

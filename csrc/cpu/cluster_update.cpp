@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <limits>
+
+#include "mvpp/check_offsets.h"
 #include <vector>
 
 namespace mvpp {
@@ -34,6 +36,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cluster_u
   const auto C = coarse.to(at::kDouble).contiguous();
   const auto F = fine.to(at::kDouble).contiguous();
   const auto coff = coarse_off_.to(at::kLong).contiguous();
+  for (const at::Tensor* t : {&new_keys, &new_values, &coarse, &coarse_off_, &fine, &fine_mean, &fine_sq, &fine_vmean,
+                              &fine_counts})
+    TORCH_CHECK(t->device().is_cpu(), "mvpp::cluster_update (cpu): every input must be on cpu, got one on ",
+                t->device());
+  TORCH_CHECK(d >= 1, "mvpp::cluster_update: the feature dimension d must be >= 1, got d = 0");
+  TORCH_CHECK(coarse.dim() == 2 && fine.dim() == 2 && coarse.size(1) == d && fine.size(1) == d,
+              "mvpp::cluster_update: centroids must be (c, d) like new_keys");
+  TORCH_CHECK(fine_mean.size(0) == cf && fine_sq.size(0) == cf && fine_vmean.size(0) == cf &&
+                  fine_counts.numel() == cf && fine_vmean.size(1) == dv,
+              "mvpp::cluster_update: fine statistics must have one row per fine centroid");
+  check_csr_offsets(coff, c1, cf, "mvpp::cluster_update", "coarse_offsets");
   auto assign = at::empty({m}, new_keys.options().dtype(at::kLong));
   auto mean = fine_mean.to(at::kDouble).contiguous().clone();
   auto sq = fine_sq.to(at::kDouble).contiguous().clone();

@@ -19,6 +19,7 @@ from .reference import cluster_lookup_ref, route_ref
 __all__ = ["cluster_lookup", "cluster_lookup_ref", "route_ref"]
 
 _KERNEL_NAME = "cluster_lookup"
+KERNEL_ID_LIMIT = 2**32 - 2  # ids the Triton/CUDA sort-key packing carries exactly
 register_op_info("cluster_lookup", _KERNEL_NAME, ("cuda", "triton", "cpu", "reference"))
 
 
@@ -138,6 +139,12 @@ def cluster_lookup(
         name = "reference"
     if name == "reference":
         return cluster_lookup_ref(*args)
+    if name in ("triton", "cuda") and not torch.compiler.is_compiling() and member_ids.numel():
+        # the Triton/CUDA kernels pack each id into the low 32 bits of an int64 sort key
+        lo, hi = int(args[6].min()), int(args[6].max())
+        if lo < 0 or hi >= KERNEL_ID_LIMIT:
+            raise ValueError(f"member_ids must lie in [0, {KERNEL_ID_LIMIT}) for backend {name!r} "
+                             f"(ids are packed into 32 bits), got ids in [{lo}, {hi}]; use backend='cpu' or 'reference'")
     if name == "triton":
         from . import triton as _triton
 

@@ -71,6 +71,17 @@ def selective_scan_ref(
     valid = None
     if lengths is not None:
         valid = torch.arange(L, device=u.device)[None, :] < lengths.to(u.device)[:, None]  # (batch, L)
+        # Zero every per-position input past the length with `where` (not a multiply), so a NaN/inf in
+        # the padded tail reaches neither the valid outputs nor any gradient (issue 16).
+        vm = valid[:, None, :]
+        u_ = torch.where(vm, u_, 0.0)
+        dt = torch.where(vm, dt, 0.0)
+        if z is not None:
+            z = torch.where(vm, z.to(ct), 0.0)
+        if variable_B:
+            B_ = torch.where(valid[:, None, None, :], B_, 0.0)
+        if variable_C:
+            C_ = torch.where(valid[:, None, None, :], C_, 0.0)
 
     # Per-step views are taken once with unbind: indexing X[..., t] inside the loop would make
     # autograd allocate a full-size zero gradient per step (an O(L^2) backward).
@@ -94,6 +105,6 @@ def selective_scan_ref(
     if z is not None:
         out = out * F.silu(z.to(ct))
     if valid is not None:
-        out = out * valid[:, None, :].to(ct)
+        out = torch.where(valid[:, None, :], out, 0.0)
     out = out.to(dtype_in)
     return (out, h) if return_last_state else out
