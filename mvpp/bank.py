@@ -26,7 +26,12 @@ def _read(path: str, name: str, optional: bool = False):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} does not exist")
-    with safe_open(path, framework="pt") as f:
+    try:
+        f = safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError (not safetensors, truncated), OSError
+        raise BankUsageError(f"{path!r} is not a readable safetensors file with a tensor {name!r}: "
+                             f"{' '.join(str(e).split())}") from None
+    with f:
         keys = set(f.keys())
         if name not in keys:
             if optional:
