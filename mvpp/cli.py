@@ -15,6 +15,7 @@ Settings come from flags or from a YAML/TOML file (--config) with sections `data
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
 import sys
@@ -215,6 +216,10 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _quiet_print(*args, **kwargs) -> None:
+    return None
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -223,6 +228,10 @@ def cmd_demo(args) -> int:
     mc, tc, data_cfg = _configs(args, DEMO_TRAIN_DEFAULTS)
     _check_device(tc.device)
     _check_writable(args.out, "--out", folder=True)
+    from mvpp import distributed as D
+
+    D.init_from_env(tc.device)  # under torchrun: one process group; rank 0 prints and writes
+    print = builtins.print if D.is_rank0() else _quiet_print
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = args.preset or data_cfg.get("preset", "small")
@@ -238,7 +247,7 @@ def cmd_demo(args) -> int:
         raise UsageError(f"--preset {preset!r} is not a preset; choose from {', '.join(PRESETS)}")
     print(f"mvpp demo: preset {preset}, seeds {list(seeds)}, output in {args.out}")
     report = run_demo(args.out, preset=preset, seeds=seeds, models=models, model_config=mc, train_config=tc,
-                      plots=not args.no_plots)
+                      plots=not args.no_plots, log=print)
     print()
     print(format_table(report["table"]))
     if "mvpp_vs_mmra" in report:
@@ -260,6 +269,10 @@ def cmd_train(args) -> int:
     mc, tc, data_cfg = _configs(args)
     _check_device(tc.device)
     _check_writable(args.out, "--out")
+    from mvpp import distributed as D
+
+    D.init_from_env(tc.device)  # under torchrun: one process group; rank 0 prints and writes the checkpoint
+    print = builtins.print if D.is_rank0() else _quiet_print
     data = _load_data(args.data or data_cfg.get("source", "synthetic:small"), args.data_seed, args.features)
     splits = split_indices(len(data), "mmra")
     from mvpp.train import seed_everything

@@ -218,7 +218,10 @@ def run_demo(out_dir: str, preset: str = "small", seeds=(0,), models=None, model
         if i == 0:
             first = r
     table = summarise(per_seed, models)
-    files = _plots(out_dir, first, log) if plots and first is not None else []
+    from . import distributed as D
+
+    # under torchrun every rank trains and scores (collectives); rank 0 alone writes plots and metrics.json
+    files = _plots(out_dir, first, log) if plots and first is not None and D.is_rank0() else []
     report = {
         "preset": preset, "seeds": list(seeds), "table": table,
         "per_seed": [{k: {kk: vv for kk, vv in v.items() if kk != "_pred"} for k, v in r.items()} for r in per_seed],
@@ -233,5 +236,9 @@ def run_demo(out_dir: str, preset: str = "small", seeds=(0,), models=None, model
         }
     from .train import atomic_write_bytes
 
-    atomic_write_bytes(os.path.join(out_dir, "metrics.json"), json.dumps(report, indent=2, default=float).encode())
+    if D.is_distributed():
+        report["world_size"] = D.world_size()
+    if D.is_rank0():
+        atomic_write_bytes(os.path.join(out_dir, "metrics.json"), json.dumps(report, indent=2, default=float).encode())
+    D.barrier()  # metrics.json is on disk before any rank returns
     return report

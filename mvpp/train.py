@@ -21,6 +21,7 @@ import torch
 
 from mvpp_kernels import _io
 
+from . import distributed as D
 from .data.dataset import iterate_batches
 from .metrics import all_metrics
 
@@ -139,13 +140,56 @@ def load_checkpoint(path: str, model: Optional[torch.nn.Module] = None,
 def predict(model, data, idx, batch_size: int = 256, device="cpu") -> torch.Tensor:
     model.eval()
     model.refresh_bank()
+    if D.is_distributed():
+        return _predict_distributed(model, data, idx, batch_size, device)
     out = [model(b)["pred"].float().cpu() for b in iterate_batches(data, idx, batch_size, device=device)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def _predict_distributed(model, data, idx, batch_size, device) -> torch.Tensor:
+    """Every rank scores a contiguous chunk of `idx` of the same length m = ceil(n / world) (the last
+    chunks padded with idx[0]), so every rank calls the model forward the same number of times (a
+    sharded memory bank's search is a collective); the chunks are all-gathered in rank order and the
+    padded rows dropped: the result is the prediction for every item of idx, in idx order, on every rank."""
+    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    n, w, r = idx.numel(), D.world_size(), D.rank()
+    if n == 0:
+        return torch.zeros(0)
+    m = -(-n // w)
+    local = idx[r * m: (r + 1) * m]
+    local = torch.cat([local, idx[:1].expand(m - local.numel())])
+    out = torch.cat([model(b)["pred"].float() for b in iterate_batches(data, local, batch_size, device=device)])
+    return D.gather_rows(out).cpu()[:n]
+
 def evaluate(model, data, idx, batch_size: int = 256, device="cpu") -> dict:
     pred = predict(model, data, idx, batch_size, device)
     return all_metrics(pred, data.label[torch.as_tensor(idx)])
+
+
+def _quiet(*args, **kwargs) -> None:
+    return None
+
+
+def _rank_batches(data, train_idx, batch_size, gen, dev, rank, world):
+    """This rank's slice of each global batch, with its loss weight.
+
+    One global permutation from `gen`, drawn exactly as the single-process iterate_batches(shuffle=True)
+    draws it; global batch g = perm[s:s + batch_size] is cut into `world` contiguous slices of
+    ceil(len(g) / world) rows and rank r takes slice r. Weight len(slice) * world / len(g) makes
+    DDP's average over ranks of the weighted per-rank mean losses the mean loss over the global batch,
+    so the gradient is the single-process gradient (up to float summation order). A rank whose slice
+    of a short last batch is empty still runs forward/backward (DDP and a sharded bank are collectives)
+    on one row with weight 0."""
+    idx = torch.as_tensor(train_idx, dtype=torch.long)
+    perm = idx[torch.randperm(idx.numel(), generator=gen)]
+    for s in range(0, perm.numel(), batch_size):
+        g = perm[s: s + batch_size]
+        c = -(-g.numel() // world)
+        local = g[rank * c: (rank + 1) * c]
+        weight = local.numel() * world / g.numel()
+        if local.numel() == 0:
+            local, weight = g[:1], 0.0
+        yield next(iterate_batches(data, local, local.numel(), device=dev)), weight
 
 
 def train_model(model, data, splits: dict, config: TrainConfig | None = None, checkpoint: Optional[str] = None,
@@ -157,6 +201,12 @@ def train_model(model, data, splits: dict, config: TrainConfig | None = None, ch
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but torch sees no GPU; use --device cpu")
+    world, rank = D.world_size(), D.rank()
+    if world > 1:
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())  # init_from_env set it to LOCAL_RANK
+        if rank != 0:  # one log and one progress bar per job
+            log = _quiet
     train_idx, val_idx = splits["train"], splits["val"]
     y = data.label[train_idx]
     model.set_label_stats(float(y.mean()), float(y.std()))
@@ -176,6 +226,13 @@ def train_model(model, data, splits: dict, config: TrainConfig | None = None, ch
         best_state = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(cur)
         log(f"resumed from {checkpoint} at epoch {start} (best val nMSE {best:.4f})")
+    fwd = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcasts rank 0's weights (equal anyway: same seed); gradients are averaged over ranks
+        fwd = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                      find_unused_parameters=True)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -185,30 +242,37 @@ def train_model(model, data, splits: dict, config: TrainConfig | None = None, ch
         model.train()
         model.refresh_bank()
         n_batches = math.ceil(len(train_idx) / cfg.batch_size)
-        it = iterate_batches(data, train_idx, cfg.batch_size, shuffle=True, generator=gen, device=dev)
+        if world > 1:
+            it = _rank_batches(data, train_idx, cfg.batch_size, gen, dev, rank, world)
+        else:
+            it = ((b, 1.0) for b in iterate_batches(data, train_idx, cfg.batch_size, shuffle=True, generator=gen,
+                                                    device=dev))
         bar = tqdm(it, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress) if tqdm else it
+                   disable=not cfg.progress or rank != 0) if tqdm else it
         total, count = 0.0, 0
         t0 = time.perf_counter()
-        for batch in bar:
-            out = model(batch)
+        for batch, weight in bar:
+            out = fwd(batch)
             loss = model.loss(batch, out)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}; lower --lr or check inputs")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if world > 1 else loss).backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            total += float(loss.detach()) * batch["label"].shape[0]
-            count += batch["label"].shape[0]
-            if tqdm:
+            n_real = batch["label"].shape[0] if weight else 0
+            total += float(loss.detach()) * n_real
+            count += n_real
+            if tqdm and count:
                 bar.set_postfix(loss=f"{total / count:.4f}")
+        if world > 1:
+            total, count = D.all_reduce_sum([total, count])
         val = evaluate(model, data, val_idx, cfg.eval_batch_size, dev)
         history["train_loss"].append(total / max(count, 1))
         history["val"].append(val)
         history["epochs_run"] = epoch + 1
-        improved = val["nmse"] < best - 1e-4
+        improved = D.broadcast_object(val["nmse"] < best - 1e-4)  # decided once, on rank 0
         if improved:
             best, bad = val["nmse"], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -217,15 +281,19 @@ def train_model(model, data, splits: dict, config: TrainConfig | None = None, ch
         if cfg.progress:
             log(f"epoch {epoch + 1}: train loss {total / max(count, 1):.4f}  val nMSE {val['nmse']:.4f}  "
                 f"SRC {val['src']:.4f}  ({time.perf_counter() - t0:.1f}s){'  *' if improved else ''}")
+        if checkpoint and rank == 0:
+            extra = {"epoch": epoch, "best": best, "bad": bad, "history": history,
+                     "train_config": asdict(cfg),
+                     "model_config": model.config.to_dict(),
+                     "model_class": type(model).__name__,
+                     "model_dims": getattr(model, "dims", {}),
+                     "label_stats": [model.label_mean, model.label_std]}
+            if world > 1:
+                extra["world_size"] = world
+            save_checkpoint(checkpoint, model, opt, extra, best_state=best_state)
         if checkpoint:
-            save_checkpoint(checkpoint, model, opt, {"epoch": epoch, "best": best, "bad": bad, "history": history,
-                                                     "train_config": asdict(cfg),
-                                                     "model_config": model.config.to_dict(),
-                                                     "model_class": type(model).__name__,
-                                                     "model_dims": getattr(model, "dims", {}),
-                                                     "label_stats": [model.label_mean, model.label_std]},
-                            best_state=best_state)
-        if bad >= cfg.patience:
+            D.barrier()  # no rank reads or outlives a checkpoint rank 0 is still writing
+        if D.broadcast_object(bad >= cfg.patience):
             break
     if best_state is not None:
         model.load_state_dict(best_state)
