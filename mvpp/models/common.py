@@ -32,6 +32,7 @@ class ModelConfig:
     hierarchical_bank: bool = True
     bank_branching: tuple = ()  # () = chosen from the bank size
     bank_nprobe: tuple = ()
+    bank_shard: object = "auto"  # "auto": shard the bank across ranks when a process group is up; True / False
     mmra_alpha: float = 0.6
     uniform_frames: int = 10
     backend: str | None = None
