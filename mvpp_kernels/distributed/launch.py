@@ -13,6 +13,8 @@ import time
 import traceback
 from datetime import timedelta
 
+from .. import _io
+
 __all__ = ["spawn_ranks", "free_port"]
 
 
@@ -37,15 +39,10 @@ def _entry(rank, world, port, module, fn, path, args, outdir, pg_timeout_s):
         # the traceback file is written BEFORE the process group is torn down: tearing it down makes
         # the peers' pending collectives fail, and the parent reports the earliest failure (the cause)
         result = getattr(importlib.import_module(module), fn)(rank, world, *args)
-        with open(os.path.join(outdir, f"ok-{rank}.pkl.tmp"), "wb") as f:
-            pickle.dump(result, f)
-        os.replace(os.path.join(outdir, f"ok-{rank}.pkl.tmp"), os.path.join(outdir, f"ok-{rank}.pkl"))
+        _io.atomic_write_bytes(os.path.join(outdir, f"ok-{rank}.pkl"), pickle.dumps(result))
         dist.destroy_process_group()
     except BaseException:
-        tmp = os.path.join(outdir, f"tmp-err-{rank}.txt")
-        with open(tmp, "w") as f:
-            f.write(traceback.format_exc())
-        os.replace(tmp, os.path.join(outdir, f"err-{rank}.txt"))
+        _io.atomic_write_bytes(os.path.join(outdir, f"err-{rank}.txt"), traceback.format_exc().encode())
         raise SystemExit(1)
 
 
