@@ -231,6 +231,21 @@ _TENSOR_FIELDS = (
 )
 
 
+def checked_values(values: Optional[torch.Tensor], keys: torch.Tensor) -> torch.Tensor:
+    """The per-item values of a bank built over `keys` (n, d), validated and as (n, dv): None gives
+    (n, 0) float32, a 1-D (n,) tensor becomes (n, 1); finite, one row per key."""
+    n = keys.shape[0]
+    if values is None:
+        return keys.new_zeros((n, 0), dtype=torch.float32)
+    check_tensor("values", values, ndim=(1, 2), dims="(n,) or (n, dv)", dtypes=FLOAT_DTYPES)
+    if values.dim() == 1:
+        values = values[:, None]
+    if values.shape[0] != n:
+        raise ValueError(f"values must have one row per key (n = {n}), got shape {tuple(values.shape)}")
+    check_finite("values", values)
+    return values
+
+
 @dataclass
 class HierarchicalIndex:
     """A two-level cluster tree over a memory bank, stored as CSR (see the module docstring).
@@ -354,14 +369,7 @@ class HierarchicalIndex:
         if c1 > n:
             raise ValueError(f"branching c1 = {c1} coarse clusters needs at least that many keys, got n = {n}")
         check_finite("keys", keys)
-        if values is None:
-            values = keys.new_zeros((n, 0), dtype=torch.float32)
-        check_tensor("values", values, ndim=(1, 2), dims="(n,) or (n, dv)", dtypes=FLOAT_DTYPES)
-        if values.dim() == 1:
-            values = values[:, None]
-        if values.shape[0] != n:
-            raise ValueError(f"values must have one row per key (n = {n}), got shape {tuple(values.shape)}")
-        check_finite("values", values)
+        values = checked_values(values, keys)
         if values.device != keys.device:
             raise ValueError(f"values is on {values.device} but keys is on {keys.device}")
         if not isinstance(knn, int) or knn < 0:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from .. import _io
 from .._checks import FLOAT_DTYPES, check_finite, check_tensor
-from ..memory_bank import HierarchicalIndex
+from ..memory_bank import HierarchicalIndex, checked_values
 from ..ops.exact_search import check_exclude, check_metric, exact_search, normalize_rows
 from ..ops.exact_search.reference import compute_dtype
 
@@ -152,14 +152,7 @@ class ShardedIndex:
         if d == 0:
             raise ValueError("keys must have a feature dimension d >= 1, got shape (n, 0)")
         check_finite("keys", keys)
-        if values is None:
-            values = keys.new_zeros((n, 0), dtype=torch.float32)
-        check_tensor("values", values, ndim=(1, 2), dims="(n,) or (n, dv)", dtypes=FLOAT_DTYPES)
-        if values.dim() == 1:
-            values = values[:, None]
-        if values.shape[0] != n:
-            raise ValueError(f"values must have one row per key (n = {n}), got shape {tuple(values.shape)}")
-        check_finite("values", values)
+        values = checked_values(values, keys)
         self = cls(kind, metric, d, values.shape[1], n, group=group, dtype=keys.dtype, device=keys.device)
         self._branching, self._build_kwargs = tuple(int(b) for b in branching), dict(build_kwargs)
         mine = self.owned(0, n).to(keys.device)
