@@ -143,24 +143,23 @@ class TopologyMemoryBank(nn.Module):
             return self.sharded.size
         return int(self.index.n_members) if self.index is not None else int(self.bank_keys.shape[0])
 
-    def _nprobe(self):
+    def _nprobe(self, index):
+        """Probes for `index` (the bank's tree, or this rank's shard tree): the configured ones clamped to
+        the tree, else half the coarse and a quarter of the fine clusters."""
         if self.nprobe:
-            return (min(self.nprobe[0], self.index.n_coarse), min(self.nprobe[1], self.index.n_fine))
-        return (max(1, math.ceil(self.index.n_coarse / 2)), max(1, math.ceil(self.index.n_fine / 4)))
+            return (min(self.nprobe[0], index.n_coarse), min(self.nprobe[1], index.n_fine))
+        return (max(1, math.ceil(index.n_coarse / 2)), max(1, math.ceil(index.n_fine / 4)))
 
     def _search(self, q: torch.Tensor, k: int, exclude):
         """(ids (B, k), keys (B, k, d), values (B, k, dv), found (B, k))."""
         if self.sharded is not None:
-            nprobe = None
             ix = self.sharded.index  # this rank's tree (None: a flat shard); probes are per shard
-            if ix is not None:
-                nprobe = ((min(self.nprobe[0], ix.n_coarse), min(self.nprobe[1], ix.n_fine)) if self.nprobe else
-                          (max(1, math.ceil(ix.n_coarse / 2)), max(1, math.ceil(ix.n_fine / 4))))
+            nprobe = self._nprobe(ix) if ix is not None else None
             _, ids, keys, values, found = self.sharded.search(q, k, nprobe=nprobe, exclude=exclude,
                                                               return_rows=True)
             return ids, keys.float(), values.float(), found
         if self.index is not None:
-            _, ids = self.index.search(q, k, nprobe=self._nprobe(), exclude=exclude, backend=self.backend,
+            _, ids = self.index.search(q, k, nprobe=self._nprobe(self.index), exclude=exclude, backend=self.backend,
                                       check_inputs=False)
             keys, values, found = self.index.lookup(ids)
             return ids, keys.float(), values.float(), found
