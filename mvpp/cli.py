@@ -216,10 +216,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _quiet_print(*args, **kwargs) -> None:
-    return None
-
-
 def cmd_demo(args) -> int:
     import torch
 
@@ -231,7 +227,7 @@ def cmd_demo(args) -> int:
     from mvpp import distributed as D
 
     D.init_from_env(tc.device)  # under torchrun: one process group; rank 0 prints and writes
-    print = builtins.print if D.is_rank0() else _quiet_print
+    print = builtins.print if D.is_rank0() else D.quiet
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = args.preset or data_cfg.get("preset", "small")
@@ -272,7 +268,7 @@ def cmd_train(args) -> int:
     from mvpp import distributed as D
 
     D.init_from_env(tc.device)  # under torchrun: one process group; rank 0 prints and writes the checkpoint
-    print = builtins.print if D.is_rank0() else _quiet_print
+    print = builtins.print if D.is_rank0() else D.quiet
     data = _load_data(args.data or data_cfg.get("source", "synthetic:small"), args.data_seed, args.features)
     splits = split_indices(len(data), "mmra")
     from mvpp.train import seed_everything

@@ -64,6 +64,11 @@ def init_from_env(device: str = "cpu", timeout_s: float | None = None) -> bool:
     return True
 
 
+def quiet(*args, **kwargs) -> None:
+    """A print/log stand-in for ranks other than 0 (one log per job)."""
+    return None
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -22,7 +22,7 @@ import torch
 from mvpp_kernels import _io
 
 from . import distributed as D
-from .data.dataset import iterate_batches
+from .data.dataset import iterate_batches, shuffled
 from .metrics import all_metrics
 
 __all__ = ["TrainConfig", "train_model", "predict", "evaluate", "seed_everything", "save_checkpoint",
@@ -166,22 +166,18 @@ def evaluate(model, data, idx, batch_size: int = 256, device="cpu") -> dict:
     return all_metrics(pred, data.label[torch.as_tensor(idx)])
 
 
-def _quiet(*args, **kwargs) -> None:
-    return None
-
-
 def _rank_batches(data, train_idx, batch_size, gen, dev, rank, world):
     """This rank's slice of each global batch, with its loss weight.
 
-    One global permutation from `gen`, drawn exactly as the single-process iterate_batches(shuffle=True)
-    draws it; global batch g = perm[s:s + batch_size] is cut into `world` contiguous slices of
+    One global permutation from `gen` (`shuffled`, the single-process iterate_batches(shuffle=True)
+    order); global batch g = perm[s:s + batch_size] is cut into `world` contiguous slices of
     ceil(len(g) / world) rows and rank r takes slice r. Weight len(slice) * world / len(g) makes
     DDP's average over ranks of the weighted per-rank mean losses the mean loss over the global batch,
     so the gradient is the single-process gradient (up to float summation order). A rank whose slice
     of a short last batch is empty still runs forward/backward (DDP and a sharded bank are collectives)
     on one row with weight 0."""
     idx = torch.as_tensor(train_idx, dtype=torch.long)
-    perm = idx[torch.randperm(idx.numel(), generator=gen)]
+    perm = shuffled(idx, gen)
     for s in range(0, perm.numel(), batch_size):
         g = perm[s: s + batch_size]
         c = -(-g.numel() // world)
@@ -206,7 +202,7 @@ def train_model(model, data, splits: dict, config: TrainConfig | None = None, ch
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())  # init_from_env set it to LOCAL_RANK
         if rank != 0:  # one log and one progress bar per job
-            log = _quiet
+            log = D.quiet
     train_idx, val_idx = splits["train"], splits["val"]
     y = data.label[train_idx]
     model.set_label_stats(float(y.mean()), float(y.std()))

@@ -56,6 +56,12 @@ def collate_videos(items: list[dict]) -> dict:
     return out
 
 
+def shuffled(indices: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """`indices` in the epoch order of `iterate_batches(shuffle=True)` (one randperm from `generator`); the
+    distributed trainer slices this same order per rank."""
+    return indices[torch.randperm(indices.numel(), generator=generator)]
+
+
 def iterate_batches(data: VideoData, indices, batch_size: int, shuffle: bool = False,
                     generator: Optional[torch.Generator] = None, device="cpu", trim: bool = True) -> Iterator[dict]:
     """Fast batching straight from the padded tensors (no per-item Python work).
@@ -65,7 +71,7 @@ def iterate_batches(data: VideoData, indices, batch_size: int, shuffle: bool = F
     """
     indices = torch.as_tensor(indices, dtype=torch.long)
     if shuffle:
-        indices = indices[torch.randperm(indices.numel(), generator=generator)]
+        indices = shuffled(indices, generator)
     for s in range(0, indices.numel(), batch_size):
         idx = indices[s: s + batch_size]
         b = {"index": idx}
