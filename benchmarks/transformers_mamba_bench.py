@@ -50,15 +50,6 @@ def build_model(layers: int, hidden: int, state: int, vocab: int, seed: int) -> 
     return transformers.MambaModel(cfg)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def interleave(fns: dict, repeats: int, warmup: int = 1) -> dict:
     """Time each callable `repeats` times, alternating between them so load drift hits both sides."""
     for fn in fns.values():
@@ -67,7 +58,9 @@ def interleave(fns: dict, repeats: int, warmup: int = 1) -> dict:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            times[k] += timed(fn, 1)
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
     return times
 
 
