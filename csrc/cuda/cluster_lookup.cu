@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "mvpp/check_offsets.h"
 #include "mvpp/cluster_lookup.cuh"
 
 namespace mvpp {
@@ -32,6 +33,8 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 constexpr int kMaxK = 128;
 constexpr int64_t kMaxD = 8192;  // the query lives in shared memory
+// Ids the packed (score << 32 | 2**32 - 1 - id) sort keys carry exactly (KERNEL_ID_LIMIT in Python).
+constexpr int64_t kMaxId = 4294967294LL;
 
 int k_pad(int64_t k) {
   int p = 2;
@@ -113,7 +116,46 @@ void check_inputs(const Tensor& keys, const Tensor& queries) {
   TORCH_CHECK(keys.is_cuda() && queries.device() == keys.device(), "mvpp (cuda): inputs must be on one CUDA device");
   TORCH_CHECK(keys.dim() == 2 && queries.dim() == 2 && keys.size(1) == queries.size(1),
               "mvpp (cuda): keys (n, d) and queries (q, d) must share d");
+  TORCH_CHECK(keys.size(1) >= 1, "mvpp (cuda): the feature dimension d must be >= 1, got d = 0");
   TORCH_CHECK(keys.scalar_type() == queries.scalar_type(), "mvpp (cuda): queries must have keys' dtype");
+}
+
+// Always-on check of what cluster_lookup indexes with (the CUDA mirror of mvpp::check_csr_offsets):
+// the Python wrapper's checks are skipped under torch.compile, and a bad offset would make
+// repeat_interleave and the scan kernel read/write out of bounds. The offsets live on the GPU, so the
+// conditions are reduced on the device into one flag and read back with one host sync; only when that
+// flag is set are the arrays copied to the host to build the detailed message (the CPU checker's).
+// The member-id range of the packed sort keys ([0, 2**32 - 2)) is checked in the same reduction.
+void check_index_arrays(const Tensor& coarse_off, int64_t c1, const Tensor& fine_off, int64_t cf, const Tensor& mids,
+                        int64_t n) {
+  const char* op = "mvpp::cluster_lookup (cuda)";
+  TORCH_CHECK(coarse_off.dim() == 1 && coarse_off.numel() == c1 + 1, op, ": coarse_offsets must have shape (", c1 + 1,
+              ",), got ", coarse_off.sizes());
+  TORCH_CHECK(fine_off.dim() == 1 && fine_off.numel() == cf + 1, op, ": fine_offsets must have shape (", cf + 1,
+              ",), got ", fine_off.sizes());
+  TORCH_CHECK(mids.dim() == 1 && mids.numel() == n, op, ": member_ids must have shape (", n,
+              ",) (one id per member key), got ", mids.sizes());
+  TORCH_CHECK(coarse_off.device() == mids.device() && fine_off.device() == mids.device(), op,
+              ": coarse_offsets, fine_offsets and member_ids must be on the member keys' device ", mids.device());
+  TORCH_CHECK(!at::isFloatingType(coarse_off.scalar_type()) && !at::isFloatingType(fine_off.scalar_type()) &&
+                  !at::isFloatingType(mids.scalar_type()),
+              op, ": offsets and member_ids must be integer tensors");
+  const Tensor co = coarse_off.to(at::kLong), fo = fine_off.to(at::kLong), id = mids.to(at::kLong);
+  auto bad_csr = [](const Tensor& o, int64_t items) {
+    Tensor b = o.select(0, 0).ne(0).logical_or(o.select(0, -1).ne(items));
+    if (o.numel() > 1) b = b.logical_or(o.diff().lt(0).any());
+    return b;
+  };
+  Tensor bad = bad_csr(co, cf).logical_or(bad_csr(fo, n));
+  if (n > 0) {
+    bad = bad.logical_or(id.min().lt(0)).logical_or(id.max().ge(kMaxId));
+  }
+  if (!bad.item<bool>()) return;  // the one sync
+  check_csr_offsets(co.cpu().contiguous(), c1, cf, op, "coarse_offsets");
+  check_csr_offsets(fo.cpu().contiguous(), cf, n, op, "fine_offsets");
+  const int64_t lo = id.min().item<int64_t>(), hi = id.max().item<int64_t>();
+  TORCH_CHECK(false, op, ": member_ids must lie in [0, ", kMaxId,
+              ") (the packed top-k keys carry 32-bit ids), got min ", lo, ", max ", hi);
 }
 
 std::tuple<Tensor, Tensor> exact_search_cuda(const Tensor& keys_, const Tensor& queries_, int64_t k,
@@ -122,6 +164,8 @@ std::tuple<Tensor, Tensor> exact_search_cuda(const Tensor& keys_, const Tensor& 
   const c10::cuda::CUDAGuard guard(keys_.device());
   const Tensor keys = keys_.contiguous(), queries = queries_.contiguous();
   const int64_t n = keys.size(0), q = queries.size(0);
+  TORCH_CHECK(n <= kMaxId, "mvpp::exact_search (cuda): at most ", kMaxId,
+              " keys (positions are packed into 32 bits), got ", n);
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, keys.get_device()));
   // Enough (query, split) blocks to fill the GPU, each split at least 256 keys.
@@ -149,7 +193,15 @@ std::tuple<Tensor, Tensor> cluster_lookup_cuda(const Tensor& queries_, const Ten
   check_inputs(mkeys_, queries_);
   const c10::cuda::CUDAGuard guard(mkeys_.device());
   const Tensor queries = queries_.contiguous(), mkeys = mkeys_.contiguous();
+  TORCH_CHECK(p1 >= 1 && p2 >= 1, "mvpp::cluster_lookup (cuda): nprobe must be >= 1, got ", p1, ", ", p2);
+  TORCH_CHECK(coarse.dim() == 2 && fine.dim() == 2 && coarse.size(1) == mkeys.size(1) &&
+                  fine.size(1) == mkeys.size(1),
+              "mvpp::cluster_lookup (cuda): coarse (c1, d) and fine (cf, d) centroids must share the keys' d = ",
+              mkeys.size(1), ", got ", coarse.sizes(), " and ", fine.sizes());
+  TORCH_CHECK(coarse.device() == mkeys.device() && fine.device() == mkeys.device(),
+              "mvpp::cluster_lookup (cuda): centroids must be on the member keys' device ", mkeys.device());
   const int64_t c1 = coarse.size(0), cf = fine.size(0);
+  check_index_arrays(coarse_off, c1, fine_off, cf, mids, mkeys.size(0));
   const int64_t P1 = std::min(p1, c1), P2 = std::min(p2, cf);
   const Tensor qf = queries.to(at::kFloat);
   // Routing, in float32 like the reference for float32/bf16/fp16 keys.

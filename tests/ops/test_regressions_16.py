@@ -194,3 +194,51 @@ def test_selective_scan_reference_masks_nan_past_lengths():
     for a, b in zip(clean, dirty):
         assert torch.isfinite(b.grad).all()
         assert torch.equal(a.grad, b.grad)
+
+
+# The CUDA binding mirrors the CPU guards (csrc/cuda/cluster_lookup.cu, check_index_arrays): offsets,
+# member-id range and d are validated on the device with one host sync, so torch.compile (which skips the
+# Python wrapper's checks) cannot make the kernel index out of bounds. Needs a GPU: skipped without one.
+_CUDA_BAD = [
+    ("fine_offsets", dict(foff=[0, 2, 4, 10**7])),
+    ("fine_offsets", dict(foff=[0, 4, 2, 6])),
+    ("coarse_offsets", dict(coff=[0, 0, 0])),
+    ("coarse_offsets", dict(coff=[1, 1, 3])),
+    ("member_ids", dict(mids_fix=(3, 2**32 - 2))),
+    ("member_ids", dict(mids_fix=(0, -1))),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("word,bad", _CUDA_BAD, ids=[f"{w}-{i}" for i, (w, _) in enumerate(_CUDA_BAD)])
+def test_cuda_cluster_lookup_kernel_validates_what_it_indexes_with(word, bad):
+    g = torch.Generator().manual_seed(162)
+    d, dev = 4, "cuda"
+    q, coarse, fine = (torch.randn(s, d, generator=g).to(dev) for s in (2, 2, 3))
+    mkeys = torch.randn(6, d, generator=g).to(dev)
+    mids = torch.arange(6, dtype=torch.int64)
+    if "mids_fix" in bad:
+        mids[bad["mids_fix"][0]] = bad["mids_fix"][1]
+    coff = torch.tensor(bad.get("coff", [0, 1, 3]), device=dev)
+    foff = torch.tensor(bad.get("foff", [0, 2, 4, 6]), device=dev)
+    with pytest.raises(RuntimeError, match=word):
+        torch.ops.mvpp.cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids.to(dev), 2, 2, 3, None)
+    torch.cuda.synchronize()  # no asynchronous illegal access left behind
+
+
+@pytest.mark.cuda
+def test_cuda_cluster_lookup_kernel_d0_and_valid_tree():
+    dev = "cuda"
+    z = lambda *s: torch.zeros(*s, device=dev)  # noqa: E731
+    coff, foff = torch.tensor([0, 1, 3], device=dev), torch.tensor([0, 2, 4, 6], device=dev)
+    mids = torch.arange(6, device=dev)
+    with pytest.raises(RuntimeError, match="d must be >= 1"):
+        torch.ops.mvpp.cluster_lookup(z(2, 0), z(2, 0), coff, z(3, 0), foff, z(6, 0), mids, 2, 1, 1, None)
+    with pytest.raises(RuntimeError, match="d must be >= 1"):
+        torch.ops.mvpp.exact_search(z(6, 0), z(2, 0), 2, None)
+    g = torch.Generator().manual_seed(163)
+    q, coarse, fine, mkeys = (torch.randn(s, 4, generator=g) for s in (2, 2, 3, 6))
+    a = cluster_lookup(q.to(dev), coarse.to(dev), coff, fine.to(dev), foff, mkeys.to(dev), mids, 4, (2, 3))
+    b = cluster_lookup(q, coarse, coff.cpu(), fine, foff.cpu(), mkeys, mids.cpu(), 4, (2, 3), backend="reference")
+    torch.testing.assert_close(a[0].cpu(), b[0])
+    assert torch.equal(a[1].cpu(), b[1])
