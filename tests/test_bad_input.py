@@ -552,11 +552,14 @@ def _cli(argv, fragment_re):
         import contextlib
         import io
         import re
+        import tempfile
         from mvpp.cli import main
         err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with tempfile.TemporaryDirectory(prefix="mvpp-bad-") as tmp, contextlib.redirect_stderr(err), \
+                contextlib.redirect_stdout(io.StringIO()):
+            args = [a.materialize(tmp) if isinstance(a, _CliFile) else a for a in argv]
             try:
-                rc = main(argv)
+                rc = main(args)
             except SystemExit as e:  # argparse usage errors
                 rc = e.code
         text = err.getvalue().strip()
@@ -573,11 +576,24 @@ class _CliRefused(Exception):
     checked against that line."""
 
 
+class _CliFile:
+    """A file argument of a _cli row, written into the row's own temporary directory only while the
+    row runs (collecting the module creates no files, and the directory is removed afterwards)."""
+
+    def __init__(self, name, content):
+        self.name, self.content = name, content
+
+    def materialize(self, directory):
+        path = pathlib.Path(directory) / self.name
+        path.write_bytes(self.content)
+        return str(path)
+
+    def __repr__(self):
+        return f"<file {self.name}>"
+
+
 def _cli_file(name, content):
-    import tempfile
-    d = pathlib.Path(tempfile.mkdtemp(prefix="mvpp-bad-"))
-    (d / name).write_bytes(content)
-    return str(d / name)
+    return _CliFile(name, content)
 
 
 def _huge_guard(fn):
