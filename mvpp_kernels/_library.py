@@ -119,8 +119,10 @@ _define(
 # for the MLP scorer with W1 (F, H), b1 (H,); bias () ; lengths (batch,) int64. The parameters come
 # in the compute dtype (float32; float64 for float64 frames): the Python wrapper casts them.
 # Returns scores (batch, T) and lse (batch,) in the compute dtype (scores -inf past each length; lse =
-# logsumexp of scores / temperature over the valid frames, -inf for a length-0 video, saved for the
-# backward); dense (batch, F) and topk_frames (batch, k, F) in frames' dtype; topk_idx (batch, k) int64.
+# log sum_t exp((s_t - max s) / temperature) over the valid frames -- max-shifted, so it never overflows;
+# the backward takes max s again from scores -- -inf for a length-0 video, NaN for a video poisoned by a
+# NaN/+inf score (docs/frame_score.md)); dense (batch, F) and topk_frames (batch, k, F) in frames' dtype;
+# topk_idx (batch, k) int64.
 # ----------------------------------------------------------------------------------------------
 _define(
     "frame_score_fwd(Tensor frames, Tensor weight, Tensor? bias, Tensor? lengths, Tensor? W1, Tensor? b1, "

@@ -48,9 +48,12 @@ inline acc_t gelu_exact_grad(acc_t x) {
   return cdf + x * pdf;
 }
 
-// (value, index) order of the top-k: higher score first, lower frame index first among equals.
+// (value, index) order of the top-k, torch.sort's (descending, stable): NaN above +inf above every
+// other score, lower frame index first among equals (NaNs included; -0.0 ties with 0.0).
 template <typename acc_t>
 inline bool beats(acc_t v, int64_t i, acc_t v2, int64_t i2) {
+  const bool n1 = std::isnan(v), n2 = std::isnan(v2);
+  if (n1 || n2) return n1 && (!n2 || i < i2);
   return v > v2 || (v == v2 && i < i2);
 }
 
@@ -214,8 +217,12 @@ struct Run {
 };
 
 struct RunPartial {
-  double m, l;  // running max of s / temperature, and sum of exp(s / temperature - m)
+  // Running max m of the scores (score units: (s - m) / temperature never overflows where the float64
+  // softmax is finite), l = sum of exp((s - m) / temperature), and `bad`: a NaN or +inf score was seen
+  // (the video's dense output is then NaN: docs/frame_score.md, "Non-finite inputs").
+  double m, l;
   int64_t n_top;
+  bool bad;
 };
 
 // The batch's valid frames cut into one equal share ("piece") per thread (videos have different
@@ -298,7 +305,10 @@ void frame_score_fwd_impl(const at::Tensor& frames, const at::Tensor& weight, co
       acc_t* accp = acc.data() + r * F;
       std::fill(accp, accp + F, acc_t(0));
       TopK<acc_t> top{kk, 0, kval.data() + r * kk, kidx.data() + r * kk};
+      // accp holds the running weighted *mean* sum_t p_t f_t / l (not the unnormalised sum, which can
+      // overflow float32: e.g. 20 equal frames of 3e37), rescaled by l_old * scale / l_new per block.
       acc_t m = neg_inf, l = 0;
+      bool bad = false;
       for (int64_t tb = run.t0; tb < run.t1; tb += kBlockT) {
         const int64_t n = std::min(run.t1, tb + kBlockT) - tb;
         const scalar_t* xb = Xb + tb * F;
@@ -315,25 +325,30 @@ void frame_score_fwd_impl(const at::Tensor& frames, const at::Tensor& weight, co
         for (i = 0; i < n; ++i) {
           const acc_t s = ss[i] + bias_v;
           S[run.b * T + tb + i] = s;
-          ps[i] = s * inv_tau;
-          bmax = std::max(bmax, ps[i]);
+          ps[i] = s;
+          bad |= !(s < std::numeric_limits<acc_t>::infinity());  // NaN or +inf
+          bmax = std::max(bmax, s);
           top.push(s, tb + i);
         }
+        if (bad) continue;  // the video's dense is NaN whatever follows; its scores and top-k still count
         acc_t scale = 1;
         if (bmax > m) {
-          if (l > 0) {
-            scale = std::exp(m - bmax);
-            l *= scale;
-          }
+          if (l > 0) scale = std::exp((m - bmax) * inv_tau);
           m = bmax;
         }
+        // While every score is -inf the weights are 0 (exp(-inf - -inf) would be NaN); such frames are
+        // still added with weight 0, so their non-finite features give NaN as in torch's sum_t p_t f_t.
+        acc_t lb = 0;
         for (i = 0; i < n; ++i) {
-          ps[i] = std::exp(ps[i] - m);
-          l += ps[i];
+          ps[i] = m == neg_inf ? acc_t(0) : std::exp((ps[i] - m) * inv_tau);
+          lb += ps[i];
         }
-        axpy_block(accp, scale, ps, xb, n, F);
+        const acc_t l_new = l * scale + lb, inv_l = l_new > 0 ? acc_t(1) / l_new : acc_t(0);
+        for (i = 0; i < n; ++i) ps[i] *= inv_l;
+        axpy_block(accp, l_new > 0 ? l * scale * inv_l : acc_t(1), ps, xb, n, F);
+        l = l_new;
       }
-      part[r] = RunPartial{static_cast<double>(m), static_cast<double>(l), top.n};
+      part[r] = RunPartial{static_cast<double>(m), static_cast<double>(l), top.n, bad};
     }
   });
 
@@ -350,21 +365,31 @@ void frame_score_fwd_impl(const at::Tensor& frames, const at::Tensor& weight, co
       const int64_t r0 = video_run[b], r1 = video_run[b + 1];
       std::fill(S + b * T + lens[b], S + (b + 1) * T, neg_inf);
       double M = -std::numeric_limits<double>::infinity();
-      for (int64_t r = r0; r < r1; ++r)
-        if (part[r].l > 0) M = std::max(M, part[r].m);
-      double L = 0;
-      std::fill(sum.begin(), sum.end(), acc_t(0));
+      bool bad = false;
       for (int64_t r = r0; r < r1; ++r) {
+        bad |= part[r].bad;
+        if (part[r].l > 0) M = std::max(M, part[r].m);
+      }
+      double L = 0;
+      for (int64_t r = r0; r < r1; ++r)
+        if (part[r].l > 0) L += part[r].l * std::exp((part[r].m - M) * static_cast<double>(inv_tau));
+      // Poisoned (NaN dense, NaN lse): a NaN or +inf valid score, or valid frames whose scores are all
+      // -inf -- torch.softmax's non-finite behaviour. A length-0 video: dense 0, lse -inf.
+      bad |= lens[b] > 0 && !(L > 0);
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      for (int64_t r = r0; r < r1 && !bad; ++r) {
         if (!(part[r].l > 0)) continue;
-        const acc_t scale = static_cast<acc_t>(std::exp(part[r].m - M));
-        L += part[r].l * static_cast<double>(scale);
+        // Each run's accumulator is its weighted mean; its share of the video is l_r e^((m_r - M)/tau) / L.
+        const acc_t w_r = static_cast<acc_t>(part[r].l * std::exp((part[r].m - M) * static_cast<double>(inv_tau)) / L);
         const acc_t* accp = acc.data() + r * F;
 #pragma omp simd
-        for (int64_t f = 0; f < F; ++f) sum[f] += scale * accp[f];
+        for (int64_t f = 0; f < F; ++f) sum[f] += w_r * accp[f];
       }
-      const acc_t invL = L > 0 ? static_cast<acc_t>(1.0 / L) : acc_t(0);
-      for (int64_t f = 0; f < F; ++f) D[b * F + f] = static_cast<scalar_t>(sum[f] * invL);
-      LSE[b] = L > 0 ? static_cast<acc_t>(M + std::log(L)) : neg_inf;
+      const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+      for (int64_t f = 0; f < F; ++f) D[b * F + f] = static_cast<scalar_t>(bad ? nan : sum[f]);
+      // lse = log sum_t exp((s_t - max s) / tau): p_t = exp((s_t - max s) / tau - lse) in the backward,
+      // with max s taken again from the scores (no overflow of s / tau).
+      LSE[b] = bad ? nan : L > 0 ? static_cast<acc_t>(std::log(L)) : neg_inf;
 
       TopK<acc_t> top{kk, 0, cv.data(), ci.data()};
       for (int64_t r = r0; r < r1; ++r)
@@ -459,7 +484,7 @@ inline void storew(scalar_t* p, typename Vec<acc_t>::type v) {
 }
 
 // Backward:
-//   p_t = exp(s_t / tau - lse),  g_t = ddense . f_t,  c = sum_t p_t g_t
+//   p_t = exp((s_t - max s) / tau - lse),  g_t = ddense . f_t,  c = sum_t p_t g_t
 //   ds_t = dscores_t + p_t (g_t - c) / tau                    (total gradient of the score)
 //   df_t = p_t ddense + ds_t * ds/df_t + [t selected] dtopk_frames_j
 // with ds/df_t = weight (linear) or W1 (weight * gelu'(a_t)) (MLP). Two sweeps over the valid frames,
@@ -514,6 +539,16 @@ void frame_score_bwd_impl(const at::Tensor& dscores, const at::Tensor& ddense, c
       if (t >= 0 && t < split.lens[b]) sel[b * T + t] = static_cast<int32_t>(j);
     }
 
+  // The forward's softmax shift: the max of each video's valid scores (NaN if any is NaN; a poisoned
+  // video's lse is NaN anyway, so every p_t of it is NaN, as in the reference's autograd).
+  std::vector<acc_t> smax(B, -std::numeric_limits<acc_t>::infinity());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < split.lens[b]; ++t) {
+      const acc_t v = S[b * T + t];
+      if (std::isnan(v) || v > smax[b]) smax[b] = v;
+      if (std::isnan(v)) break;
+    }
+
   // Sweep 1: g_t and each run's part of c.
   std::vector<acc_t> g(B * T);
   std::vector<double> c_run(n_runs);
@@ -526,9 +561,9 @@ void frame_score_bwd_impl(const at::Tensor& dscores, const at::Tensor& ddense, c
       int64_t t = run.t0;
       for (; t + 8 <= run.t1; t += 8) dot_rows<8>(Xb + t * F, F, ddb, gb + t, pf);
       for (; t < run.t1; ++t) dot_rows<1>(Xb + t * F, F, ddb, gb + t, pf);
-      const acc_t lse_b = LSE[run.b];
+      const acc_t lse_b = LSE[run.b], smax_b = smax[run.b];
       acc_t c = 0;
-      for (t = run.t0; t < run.t1; ++t) c += std::exp(S[run.b * T + t] * inv_tau - lse_b) * gb[t];
+      for (t = run.t0; t < run.t1; ++t) c += std::exp((S[run.b * T + t] - smax_b) * inv_tau - lse_b) * gb[t];
       c_run[r] = static_cast<double>(c);
     }
   });
@@ -566,7 +601,7 @@ void frame_score_bwd_impl(const at::Tensor& dscores, const at::Tensor& ddense, c
       const acc_t* ddb = dd.data() + b * F;
       const acc_t* gb = g.data() + b * T;
       const int32_t* selb = sel.data() + b * T;
-      const acc_t lse_b = LSE[b], c = c_video[b];
+      const acc_t lse_b = LSE[b], c = c_video[b], smax_b = smax[b];
       acc_t dbias_r = 0;
       for (int64_t tb = run.t0; tb < run.t1; tb += kBlockT) {
         const int64_t n = std::min(run.t1, tb + kBlockT) - tb;
@@ -574,7 +609,7 @@ void frame_score_bwd_impl(const at::Tensor& dscores, const at::Tensor& ddense, c
         const scalar_t* gsel[kBlockT];
         for (int64_t i = 0; i < n; ++i) {
           const int64_t t = tb + i;
-          ps[i] = std::exp(S[b * T + t] * inv_tau - lse_b);
+          ps[i] = std::exp((S[b * T + t] - smax_b) * inv_tau - lse_b);
           dss[i] = dS[b * T + t] + ps[i] * (gb[t] - c) * inv_tau;
           dbias_r += dss[i];
           gsel[i] = selb[t] >= 0 ? dG + (b * k + selb[t]) * F : nullptr;

@@ -157,7 +157,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> frame_score_fwd_cuda(const Te
 
 // Backward: the frame-sized work runs in the kernels (g_t = ddense . f_t, then dframes); the
 // (batch, T)-sized softmax algebra runs in ATen:
-//   p_t = exp(s_t / tau - lse),  c = sum_t p_t g_t,  ds_t = dscores_t + p_t (g_t - c) / tau
+//   p_t = exp((s_t - max s) / tau - lse),  c = sum_t p_t g_t,  ds_t = dscores_t + p_t (g_t - c) / tau
+// (lse = log sum_t exp((s_t - max s) / tau), max s over the valid scores: no overflow of s / tau; a
+// poisoned video -- NaN lse -- gets NaN p_t in its valid frames, as the reference's autograd).
 // and, for the MLP scorer, da = ds w * gelu'(a), dW1 = F^T da and the da W1^T term of dframes as cuBLAS
 // GEMMs (tensor-core friendly and deterministic).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> frame_score_bwd_cuda(
@@ -236,7 +238,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> frame_score_bwd_cuda(
   Tensor valid = at::arange(T, frames.options().dtype(at::kLong)).unsqueeze(0).expand({B, T});
   valid = lengths.defined() ? valid.lt(lengths.unsqueeze(1)) : at::ones({B, T}, frames.options().dtype(at::kBool));
   const Tensor zero = at::zeros({}, f32);
-  const Tensor p = at::where(valid, at::exp(scores * inv_tau - lse.unsqueeze(1)), zero).contiguous();
+  const Tensor smax = scores.amax(1, true);  // the forward's shift (-inf past the lengths never wins)
+  const Tensor p = at::where(valid, at::exp((scores - smax) * inv_tau - lse.unsqueeze(1)), zero).contiguous();
   const Tensor c = (p * g).sum(1, true);
   const Tensor ds = at::where(valid, dscores + p * (g - c) * inv_tau, zero).contiguous();
   Tensor dweight, dbias = ds.sum(1), dW1 = at::empty({0}, f32), db1 = at::empty({0}, f32), extra;
@@ -247,7 +250,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> frame_score_bwd_cuda(
     const Tensor da = ds.unsqueeze(2) * weight.view({1, 1, H}) * gprime;  // 0 past each length
     dweight = at::bmm(ds.unsqueeze(1), ga).squeeze(1);
     db1 = da.sum(1);
-    dW1 = at::bmm(frames.transpose(1, 2).to(at::kFloat), da);
+    // Padded frames replaced (where, not a product: 0 * NaN = NaN) before the GEMM.
+    dW1 = at::bmm(at::where(valid.unsqueeze(2), frames, at::zeros({}, frames.options())).transpose(1, 2).to(at::kFloat), da);
     extra = at::matmul(da, W1.t()).contiguous();
   }
   // Which top-k slot (if any) each frame fills; padded slots (-1) go to a spare column.
@@ -273,6 +277,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> frame_score_bwd_cuda(
   fp.ds = ds.data_ptr<float>();
   fp.slot = slot.data_ptr<int32_t>();
   fp.extra = mlp ? extra.data_ptr<float>() : nullptr;
+  fp.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
   fp.dframes = dframes.data_ptr();
   fp.dweight_part = mlp ? nullptr : dw_part.data_ptr<float>();
   fp.batch = B;

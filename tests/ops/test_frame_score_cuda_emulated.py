@@ -99,7 +99,8 @@ def emul_backward(lib, saved, out, dscores, ddense, dtopk, temperature, n_warps)
     lib.fs_emul_bwd_rows(_arr([B, T, F, H, chunk, n_split, n_warps], ctypes.c_int64), _arr(ptrs, ctypes.c_void_p))
     inv_tau = 1.0 / temperature
     valid = torch.arange(T)[None, :] < (lengths[:, None] if lengths is not None else torch.full((B, 1), T))
-    p = torch.where(valid, torch.exp(out["scores"] * inv_tau - out["lse"][:, None]), 0.0).contiguous()
+    smax = out["scores"].amax(1, keepdim=True)
+    p = torch.where(valid, torch.exp((out["scores"] - smax) * inv_tau - out["lse"][:, None]), 0.0).contiguous()
     c = (p * g).sum(1, keepdim=True)
     ds = torch.where(valid, dscores + p * (g - c) * inv_tau, 0.0).contiguous()
     extra = None
@@ -107,7 +108,7 @@ def emul_backward(lib, saved, out, dscores, ddense, dtopk, temperature, n_warps)
         gprime = 0.5 * (1.0 + torch.erf(a_pre * 0.7071067811865476)) + a_pre * torch.exp(-0.5 * a_pre * a_pre) * 0.3989422804014327
         da = ds.unsqueeze(2) * weight.view(1, 1, H) * gprime
         dweight = torch.bmm(ds.unsqueeze(1), Fn.gelu(a_pre)).squeeze(1).sum(0)
-        dW1 = torch.bmm(frames.transpose(1, 2), da).sum(0)
+        dW1 = torch.bmm(torch.where(valid[..., None], frames, 0.0).transpose(1, 2), da).sum(0)
         db1 = da.sum(1).sum(0)
         extra = torch.matmul(da, W1.t()).contiguous()
     slot = torch.full((B, T + 1), -1, dtype=torch.int32)
@@ -120,7 +121,7 @@ def emul_backward(lib, saved, out, dscores, ddense, dtopk, temperature, n_warps)
     dframes = _nan(B, T, F)
     dw_part = None if mlp else _nan(B, t_split, F)
     ptrs = [_ptr(frames), _ptr(ddense), _ptr(dtopk), None if mlp else _ptr(weight), _ptr(p), _ptr(ds), _ptr(slot),
-            _ptr(extra), _ptr(dframes), _ptr(dw_part)]
+            _ptr(extra), _ptr(lengths), _ptr(dframes), _ptr(dw_part)]
     lib.fs_emul_bwd_frames(_arr([B, T, F, k, t_chunk, t_split], ctypes.c_int64), _arr(ptrs, ctypes.c_void_p))
     grads = dict(frames=dframes, bias=ds.sum())
     if mlp:
@@ -146,7 +147,9 @@ def test_emulated_cuda_forward_backward(lib, T, F, k, H, n_warps):
                  name="scores", scale=4)
     assert_close(out["dense"], ref[1], name="dense")
     check_topk(out["idx"], out["tf"], inp["frames"], ref[0], ref[2], inp["lengths"])
-    lse_ref = torch.logsumexp(torch.where(finite, ref[0] / temperature, float("-inf")), dim=1)
+    # lse = log sum_t exp((s_t - max s) / tau), the shift taken again from the scores in the backward.
+    s_ref = torch.where(finite, ref[0], float("-inf"))
+    lse_ref = torch.logsumexp((s_ref - s_ref.amax(1, keepdim=True)) / temperature, dim=1)
     assert_close(torch.where(torch.isfinite(lse_ref), out["lse"].double(), 0.0),
                  torch.where(torch.isfinite(lse_ref), lse_ref, 0.0), dtype=torch.float32, name="lse", scale=4)
 

@@ -83,6 +83,7 @@ struct BwdFramesParams {
   const float* ds;          // (batch, T) total score gradients (0 past the length)
   const int32_t* slot;      // (batch, T): j if frame t is topk_idx[b, j], else -1
   const float* extra;       // (batch, T, F) float32 added to dframes (MLP: dL/da W1^T), or nullptr
+  const int64_t* lengths;   // (batch,) or nullptr: frames at or past it are never read (they may hold NaN)
   void* dframes;            // (batch, T, F)
   float* dweight_part;      // (batch, t_split, F) (linear) or nullptr
   int64_t batch, T, F, k;
@@ -135,8 +136,19 @@ MVPP_DEVICE MVPP_INLINE float warp_sum(float v) {
 
 MVPP_DEVICE MVPP_INLINE float gelu(float a) { return 0.5f * a * (1.f + erff(a * 0.70710678118654752f)); }
 
-// Higher score first; lower frame index first among equal scores.
-MVPP_DEVICE MVPP_INLINE bool beats(float v, int i, float v2, int i2) { return v > v2 || (v == v2 && i < i2); }
+// Bit tests rather than isnan()/compares, so that no fast-math setting can fold them away.
+MVPP_DEVICE MVPP_INLINE bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+// A score that poisons its video's dense output: NaN or +inf (docs/frame_score.md, "Non-finite inputs").
+MVPP_DEVICE MVPP_INLINE bool poisons(float s) { return is_nan(s) || __float_as_uint(s) == 0x7f800000u; }
+MVPP_DEVICE MVPP_INLINE float quiet_nan() { return __uint_as_float(0x7fc00000u); }
+
+// torch.sort's (descending, stable) order: NaN above +inf above every other score; lower frame index
+// first among equal scores (NaNs included).
+MVPP_DEVICE MVPP_INLINE bool beats(float v, int i, float v2, int i2) {
+  const bool n1 = is_nan(v), n2 = is_nan(v2);
+  if (n1 || n2) return n1 && (!n2 || i < i2);
+  return v > v2 || (v == v2 && i < i2);
+}
 
 // The warp's score of one frame x (F features); every lane returns the same value.
 template <typename T, bool kMlp>
@@ -195,25 +207,33 @@ __global__ void fwd_split_kernel(const FwdParams p) {
   const T* X = static_cast<const T*>(p.frames) + b * p.T * p.F;
   const float bias = p.bias ? *p.bias : 0.f;
   for (int f = lane; f < F; f += 32) acc[f] = 0.f;
+  // m: running max score (score units: (s - m) / tau never overflows where float64 is finite);
+  // l = sum exp((s - m) / tau); acc = the running weighted *mean* (an unnormalised sum of many large
+  // frames can overflow float32); bad: a NaN or +inf score was seen (the video's dense is then NaN).
   float m = -INFINITY, l = 0.f;
+  bool bad = false;
   int n_top = 0;
   for (int64_t t = t0 + warp; t < v1; t += nw) {
     const T* x = X + t * p.F;
     const float s = warp_score<T, kMlp>(x, p.weight, p.W1, p.b1, F, H, lane) + bias;
     if (lane == 0) p.scores[b * p.T + t] = s;
-    const float z = s * p.inv_tau;
-    if (z > m) {
-      const float scale = __expf(m - z);  // 0 while m is -inf
-      l *= scale;
-      if (scale != 1.f)
-        for (int f = lane; f < F; f += 32) acc[f] *= scale;
-      m = z;
+    bad = bad || poisons(s);  // s is the same in every lane: the branches below are warp-uniform
+    if (!bad) {
+      float scale = 1.f;
+      if (s > m) {
+        scale = l > 0.f ? __expf((m - s) * p.inv_tau) : 0.f;
+        m = s;
+      }
+      // Every score so far -inf: weight 0 (exp(-inf - -inf) would be NaN). The frame is still added
+      // with weight 0, so its non-finite features give NaN as in torch's sum_t p_t f_t.
+      const float pr = m == -INFINITY ? 0.f : __expf((s - m) * p.inv_tau);
+      const float l_new = l * scale + pr;
+      const float keep = l_new > 0.f ? l * scale / l_new : 1.f, q = l_new > 0.f ? pr / l_new : 0.f;
+      for (int f = lane; f < F; f += 32) acc[f] = acc[f] * keep + q * to_f(x[f]);
+      l = l_new;
     }
-    const float pr = __expf(z - m);
-    l += pr;
-    for (int f = lane; f < F; f += 32) acc[f] += pr * to_f(x[f]);
     // Frames come in increasing index order per warp, so a later frame never wins a tie.
-    if (lane == 0 && (n_top < K || s > topv[K - 1])) {
+    if (lane == 0 && (n_top < K || beats(s, int(t), topv[K - 1], topi[K - 1]))) {
       int pos = n_top < K ? n_top++ : K - 1;
       while (pos > 0 && beats(s, int(t), topv[pos - 1], topi[pos - 1])) {
         topv[pos] = topv[pos - 1];
@@ -231,7 +251,7 @@ __global__ void fwd_split_kernel(const FwdParams p) {
   const int64_t pid = b * P + int64_t(sp) * nw + warp;
   if (lane == 0) {
     p.part_ml[pid * 2] = m;
-    p.part_ml[pid * 2 + 1] = l;
+    p.part_ml[pid * 2 + 1] = bad ? quiet_nan() : l;
   }
   for (int f = lane; f < F; f += 32) p.part_acc[pid * p.F + f] = acc[f];
   for (int j = lane; j < K; j += 32) {
@@ -248,33 +268,43 @@ __global__ void fwd_merge_kernel(const FwdParams p) {
   const int K = int(p.k);
   float* scale = smem;
   int* head = reinterpret_cast<int*>(smem + P);
-  __shared__ float s_M, s_L;
-  __shared__ int s_idx;
+  __shared__ float s_L;
+  __shared__ int s_idx, s_bad;
   if (threadIdx.x == 0) {
     float M = -INFINITY;
-    for (int64_t i = 0; i < P; ++i)
-      if (p.part_ml[(b * P + i) * 2 + 1] > 0.f) M = fmaxf(M, p.part_ml[(b * P + i) * 2]);
+    bool bad = false;
+    for (int64_t i = 0; i < P; ++i) {
+      const float li = p.part_ml[(b * P + i) * 2 + 1];
+      bad = bad || is_nan(li);
+      if (li > 0.f) M = fmaxf(M, p.part_ml[(b * P + i) * 2]);
+    }
     float L = 0.f;
     for (int64_t i = 0; i < P; ++i) {
       const float li = p.part_ml[(b * P + i) * 2 + 1];
-      const float sc = li > 0.f ? __expf(p.part_ml[(b * P + i) * 2] - M) : 0.f;
+      const float sc = li > 0.f ? li * __expf((p.part_ml[(b * P + i) * 2] - M) * p.inv_tau) : 0.f;
       scale[i] = sc;
-      L += li * sc;
+      L += sc;
       head[i] = 0;
     }
-    s_M = M;
+    // Each partial's acc is its weighted mean: its share of the video is l_i e^((m_i - M)/tau) / L.
+    const float invL = L > 0.f ? 1.f / L : 0.f;
+    for (int64_t i = 0; i < P; ++i) scale[i] *= invL;
+    // Poisoned: a NaN or +inf valid score, or valid frames that all score -inf (torch.softmax: NaN).
+    const int64_t len = p.lengths ? p.lengths[b] : p.T;
+    s_bad = bad || (len > 0 && !(L > 0.f));
     s_L = L;
   }
   __syncthreads();
   const float L = s_L;
-  const float invL = L > 0.f ? 1.f / L : 0.f;
+  const bool poisoned = s_bad != 0;
   T* D = static_cast<T*>(p.dense) + b * p.F;
   for (int64_t f = threadIdx.x; f < p.F; f += blockDim.x) {
     float s = 0.f;
     for (int64_t i = 0; i < P; ++i) s += scale[i] * p.part_acc[(b * P + i) * p.F + f];
-    D[f] = from_f<T>(s * invL);
+    D[f] = from_f<T>(poisoned ? quiet_nan() : s);
   }
-  if (threadIdx.x == 0) p.lse[b] = L > 0.f ? s_M + logf(L) : -INFINITY;
+  // lse = log sum_t exp((s_t - max s) / tau); the backward takes max s again from the scores.
+  if (threadIdx.x == 0) p.lse[b] = poisoned ? quiet_nan() : L > 0.f ? logf(L) : -INFINITY;
   const T* X = static_cast<const T*>(p.frames) + b * p.T * p.F;
   T* G = static_cast<T*>(p.topk_frames) + b * p.k * p.F;
   for (int j = 0; j < K; ++j) {
@@ -365,8 +395,11 @@ __global__ void bwd_frames_kernel(const BwdFramesParams p) {
   T* dX = static_cast<T*>(p.dframes) + b * p.T * p.F;
   const float dd = to_f(static_cast<const T*>(p.ddense)[b * p.F + f]);
   const float w = p.weight ? __ldg(p.weight + f) : 0.f;
+  const int64_t len = p.lengths ? p.lengths[b] : p.T;
   float dw = 0.f;
-  for (int64_t t = t0; t < t1; ++t) {
+  // Past the length: dframes 0, and the frame (which may hold NaN: 0 * NaN = NaN) is never read.
+  for (int64_t t = max(t0, len); t < t1; ++t) dX[t * p.F + f] = from_f<T>(0.f);
+  for (int64_t t = t0; t < min(t1, len); ++t) {
     const float pt = p.p[b * p.T + t];
     const float ds = p.ds[b * p.T + t];
     float df = pt * dd;

@@ -208,9 +208,17 @@ def frame_score(
     Returns:
         scores: (batch, T) float32 (float64 for float64 frames); -inf past each video's length.
         dense: (batch, F) in frames' dtype (accumulated in float32); zeros for a length-0 video.
-        topk_idx: (batch, k) int64 frame indices in descending score order, -1 where a video has
-            fewer than k valid frames.
+        topk_idx: (batch, k) int64 frame indices in descending score order (NaN first, as
+            torch.topk), -1 where a video has fewer than k valid frames.
         topk_frames: (batch, k, F) in frames' dtype, frames[b, topk_idx[b, j]], zeros where padded.
+
+    Non-finite inputs (the same on every backend; docs/frame_score.md, "Non-finite inputs"): frames
+    past a video's length never reach an output or a gradient, whatever they hold. On the valid
+    frames the outputs are torch's: dense = torch.softmax(s[:n] / temperature) @ f[:n], i.e. NaN in
+    every feature when a valid score is NaN or +inf or all valid scores are -inf (that video only),
+    and the top-k is torch.sort(s[:n], descending, stable): NaN above +inf above finite above -inf,
+    ties -> lower index. The softmax is max-subtracted in score units, (s - max s) / temperature, so
+    float32 does not overflow where float64 is finite. check_inputs=True rejects NaN/inf instead.
 
     Gradients flow to frames, weight, bias, W1 and b1 through `scores` and `dense`, and through
     `topk_frames` to the gathered frames (the selection itself is piecewise constant). Gradients of

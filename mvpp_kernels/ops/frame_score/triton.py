@@ -30,6 +30,19 @@ from . import _bwd_fake, _fwd_fake, _setup_context, make_backward
 __all__ = ["frame_score_fwd_triton", "frame_score_bwd_triton"]
 
 _BIG = tl.constexpr(2**30)  # an index larger than any frame index: "no frame" inside the top-k lists
+_EMPTY = tl.constexpr(-(2**31))  # a top-k key below every score's key (-inf included): "no frame"
+
+
+@triton.jit
+def _order_key(s, valid):
+    """int32 keys in torch.sort's order of the scores: NaN (any payload) > +inf > finite > -inf, with
+    -0.0 == 0.0; _EMPTY for frames that are not valid. Float compares cannot rank NaN, and a NaN
+    score must still be selectable (as torch.topk selects it) -- docs/frame_score.md."""
+    sc = tl.where(s == 0.0, 0.0, s)
+    bits = sc.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(s != s, 0x7FFFFFFF, key)
+    return tl.where(valid, key, _EMPTY)
 
 
 @triton.jit
@@ -100,8 +113,9 @@ def _fwd_split_kernel(
         bias_v = tl.load(bias)
     m = -float("inf")
     l = 0.0
+    bad = 0
     acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
-    topv = tl.full((K_PAD,), -float("inf"), tl.float32)
+    topv = tl.full((K_PAD,), _EMPTY, tl.int32)
     topi = tl.full((K_PAD,), _BIG, tl.int32)
     Xb = X + b.to(tl.int64) * T * F
     for tb in range(t0, t1, BLOCK_T):
@@ -117,20 +131,27 @@ def _fwd_split_kernel(
             s = tl.sum(xf * wv[None, :], 1)
         s = tl.where(valid, s + bias_v, -float("inf"))
         tl.store(S + b * T + offs_t, s, mask=in_chunk)
-        # Online softmax; m_safe keeps exp() finite while no valid frame has been seen.
-        m_new = tl.maximum(m, tl.max(s * inv_tau, 0))
+        # A NaN or +inf valid score poisons the video's dense output (stored as l = NaN below).
+        bad = tl.maximum(bad, tl.max(tl.where(valid & ((s != s) | (s == float("inf"))), 1, 0), 0))
+        # Online softmax in score units ((s - m) / tau cannot overflow where float64 is finite); m_safe
+        # keeps exp() finite while no valid frame has been seen. acc is the running weighted *mean*
+        # (an unnormalised sum of up to T frames can overflow float32).
+        m_new = tl.maximum(m, tl.max(tl.where(s == s, s, -float("inf")), 0))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.where(valid, tl.exp(s * inv_tau - m_safe), 0.0)
-        l = l * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * xf, 0)
+        alpha = tl.exp((m - m_safe) * inv_tau)
+        p = tl.where(valid, tl.exp((s - m_safe) * inv_tau), 0.0)
+        l_new = l * alpha + tl.sum(p, 0)
+        inv_l = tl.where(l_new > 0, 1.0 / tl.where(l_new > 0, l_new, 1.0), 0.0)
+        acc = acc * (l * alpha * inv_l) + tl.sum((p * inv_l)[:, None] * xf, 0)
+        l = l_new
         m = m_new
-        # Running top-k: merge the tile only if it can change the list (a later frame never wins a
-        # tie against an earlier one, so "greater than the k-th" is the exact test).
-        kth = tl.max(tl.where(offs_k == k - 1, topv, -float("inf")), 0)
+        # Running top-k on int32 order keys: merge the tile only if it can change the list (a later
+        # frame never wins a tie against an earlier one, so "greater than the k-th" is the exact test).
+        s = _order_key(s, valid)
+        kth = tl.max(tl.where(offs_k == k - 1, topv, _EMPTY), 0)
         if tl.max(s, 0) > kth:
             si = tl.where(valid, offs_t, _BIG)
-            newv = tl.full((K_PAD,), -float("inf"), tl.float32)
+            newv = tl.full((K_PAD,), _EMPTY, tl.int32)
             newi = tl.full((K_PAD,), _BIG, tl.int32)
             for j in range(0, k):
                 a_max = tl.max(topv, 0)
@@ -143,15 +164,21 @@ def _fwd_split_kernel(
                 newv = tl.where(offs_k == j, v, newv)
                 newi = tl.where(offs_k == j, i, newi)
                 # Remove the winner from the list it came from (indices are unique across both).
-                topv = tl.where(topi == i, tl.where(take_a, -float("inf"), topv), topv)
-                s = tl.where(si == i, tl.where(take_a, s, -float("inf")), s)
+                # (Its index goes too: a valid -inf frame's key sits just above _EMPTY, so a removed
+                # entry must not keep a real index that a later round could pick among the empties.)
+                gone_a = (topi == i) & take_a
+                gone_b = (si == i) & ~take_a
+                topv = tl.where(gone_a, _EMPTY, topv)
+                topi = tl.where(gone_a, _BIG, topi)
+                s = tl.where(gone_b, _EMPTY, s)
+                si = tl.where(gone_b, _BIG, si)
             topv = newv
             topi = newi
     # Frames past the length inside this chunk but past its last tile are already -inf; the tiles
     # above covered [t0, t1) entirely.
     pid = b * n_split + sp
     tl.store(part_ml + pid * 2, m)
-    tl.store(part_ml + pid * 2 + 1, l)
+    tl.store(part_ml + pid * 2 + 1, tl.where(bad > 0, float("nan"), l))
     tl.store(part_acc + pid.to(tl.int64) * F + offs_f, acc, mask=mask_f)
     tl.store(part_v + pid * K_PAD + offs_k, topv)
     tl.store(part_i + pid * K_PAD + offs_k, topi)
@@ -159,47 +186,58 @@ def _fwd_split_kernel(
 
 @triton.jit
 def _fwd_merge_kernel(
-    X, part_ml, part_acc, part_v, part_i,
+    X, part_ml, part_acc, part_v, part_i, lengths,
     D, I, G, LSE,
-    T, F, k, n_split,
-    BLOCK_F: tl.constexpr, K_PAD: tl.constexpr, NS_PAD: tl.constexpr,
+    T, F, k, n_split, inv_tau,
+    HAS_LEN: tl.constexpr, BLOCK_F: tl.constexpr, K_PAD: tl.constexpr, NS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
+    n_valid = T
+    if HAS_LEN:
+        n_valid = tl.load(lengths + b).to(tl.int32)
     offs_s = tl.arange(0, NS_PAD)
     ms = tl.load(part_ml + (b * n_split + offs_s) * 2, mask=offs_s < n_split, other=-float("inf"))
     ls = tl.load(part_ml + (b * n_split + offs_s) * 2 + 1, mask=offs_s < n_split, other=0.0)
     M = tl.max(tl.where(ls > 0, ms, -float("inf")), 0)
     M_safe = tl.where(M == -float("inf"), 0.0, M)
-    L = tl.sum(tl.where(ls > 0, ls * tl.exp(ms - M_safe), 0.0), 0)
+    L = tl.sum(tl.where(ls > 0, ls * tl.exp((ms - M_safe) * inv_tau), 0.0), 0)
+    # Poisoned (dense and lse NaN): a chunk saw a NaN or +inf score (l = NaN), or the video has valid
+    # frames but all score -inf (L = 0) -- torch.softmax's non-finite behaviour.
+    poisoned = (tl.max(tl.where(ls != ls, 1, 0), 0) > 0) | ((n_valid > 0) & (L == 0.0))
     offs_f = tl.arange(0, BLOCK_F)
     mask_f = offs_f < F
+    L_safe = tl.where(L > 0, L, 1.0)  # a length-0 video: dense 0, lse -inf, without dividing by 0
+    inv_L = tl.where(L > 0, 1.0 / L_safe, 0.0)
     acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
     for sp in range(0, n_split):
         m_i = tl.load(part_ml + (b * n_split + sp) * 2)
         l_i = tl.load(part_ml + (b * n_split + sp) * 2 + 1)
-        scale = tl.where(l_i > 0, tl.exp(m_i - M_safe), 0.0)
+        # Each chunk's acc is its weighted mean; its share of the video is l_i e^((m_i - M)/tau) / L.
+        scale = tl.where(l_i > 0, l_i * tl.exp((m_i - M_safe) * inv_tau) * inv_L, 0.0)
         a_i = tl.load(part_acc + (b * n_split + sp).to(tl.int64) * F + offs_f, mask=mask_f, other=0.0)
         acc += scale * a_i
-    L_safe = tl.where(L > 0, L, 1.0)  # a length-0 video: dense 0, lse -inf, without dividing by 0
-    inv_L = tl.where(L > 0, 1.0 / L_safe, 0.0)
-    tl.store(D + b * F + offs_f, (acc * inv_L).to(D.dtype.element_ty), mask=mask_f)
-    tl.store(LSE + b, tl.where(L > 0, M_safe + tl.log(L_safe), -float("inf")))
-    # Global top-k from the n_split lists (each frame index appears in exactly one list).
+    acc = tl.where(poisoned, float("nan"), acc)
+    tl.store(D + b * F + offs_f, acc.to(D.dtype.element_ty), mask=mask_f)
+    # lse = log sum_t exp((s_t - max s) / tau); the backward takes max s again from the scores.
+    tl.store(LSE + b, tl.where(poisoned, float("nan"), tl.where(L > 0, tl.log(L_safe), -float("inf"))))
+    # Global top-k from the n_split lists of order keys (each frame index appears in exactly one list).
     offs_c = tl.arange(0, NS_PAD * K_PAD)
     mask_c = offs_c < n_split * K_PAD
-    cv = tl.load(part_v + b * n_split * K_PAD + offs_c, mask=mask_c, other=-float("inf"))
+    cv = tl.load(part_v + b * n_split * K_PAD + offs_c, mask=mask_c, other=_EMPTY)
     ci = tl.load(part_i + b * n_split * K_PAD + offs_c, mask=mask_c, other=_BIG)
     Xb = X + b.to(tl.int64) * T * F
     for j in range(0, k):
         v = tl.max(cv, 0)
         i = tl.min(tl.where(cv == v, ci, _BIG), 0)
-        ok = (v > -float("inf")) & (i < _BIG)
+        ok = i < _BIG  # a valid -inf frame is selectable too (torch.topk's order), padding never
         idx = tl.where(ok, i, -1)
         tl.store(I + b * k + j, idx.to(tl.int64))
         # (A scalar mask broadcast with `&` trips the interpreter, so fold it into the bound.)
         row = tl.load(Xb + tl.maximum(idx, 0).to(tl.int64) * F + offs_f, mask=offs_f < tl.where(ok, F, 0), other=0.0)
         tl.store(G + (b * k + j).to(tl.int64) * F + offs_f, row, mask=mask_f)
-        cv = tl.where(ci == i, -float("inf"), cv)
+        gone = ci == i
+        cv = tl.where(gone, _EMPTY, cv)
+        ci = tl.where(gone, _BIG, ci)
 
 
 @triton.jit
@@ -423,7 +461,7 @@ def frame_score_fwd_triton(
     k_pad = triton.next_power_of_2(k)
     part_ml = frames.new_empty((batch, n_split, 2), dtype=torch.float32)
     part_acc = frames.new_empty((batch, n_split, F), dtype=torch.float32)
-    part_v = frames.new_empty((batch, n_split, k_pad), dtype=torch.float32)
+    part_v = frames.new_empty((batch, n_split, k_pad), dtype=torch.int32)  # order keys (_order_key)
     part_i = frames.new_empty((batch, n_split, k_pad), dtype=torch.int32)
     dummy = weight
     ieee = _ieee_dot(frames)
@@ -437,10 +475,10 @@ def frame_score_fwd_triton(
         num_warps=num_warps,
     )
     torch.library.wrap_triton(_fwd_merge_kernel)[(batch,)](
-        frames, part_ml, part_acc, part_v, part_i,
+        frames, part_ml, part_acc, part_v, part_i, lengths if lengths is not None else dummy,
         dense, topk_idx, topk_frames, lse,
-        T, F, k, n_split,
-        BLOCK_F=block_f, K_PAD=k_pad, NS_PAD=triton.next_power_of_2(n_split), num_warps=num_warps,
+        T, F, k, n_split, 1.0 / temperature,
+        HAS_LEN=lengths is not None, BLOCK_F=block_f, K_PAD=k_pad, NS_PAD=triton.next_power_of_2(n_split), num_warps=num_warps,
     )
     return scores, dense, topk_idx, topk_frames, lse
 
@@ -471,7 +509,10 @@ def frame_score_bwd_triton(
     dscores = dscores.to(f32).expand(batch, T).contiguous()
     ddense = ddense.expand(batch, F).contiguous()
     dtopk_frames = dtopk_frames.expand(batch, k, F).contiguous()
-    scores = scores.contiguous()
+    # The kernels form p_t = exp(s_t / tau - lse) from what they are given: pass the scores shifted by
+    # the forward's softmax shift, the max valid score (lse is log sum exp((s - max s) / tau)), so
+    # s / tau never overflows. Past the lengths the kernels mask p, whatever the shift left there.
+    scores = (scores - scores.amax(dim=1, keepdim=True)).contiguous()
     lse = lse.contiguous()
     topk_idx = topk_idx.contiguous()
     dframes = torch.empty_like(frames)
@@ -505,7 +546,10 @@ def frame_score_bwd_triton(
         )
         # Per-video parameter gradients as batched GEMMs / reductions over frames (DA and GA are 0
         # past each length, so padding contributes nothing).
-        dW1 = torch.bmm(frames.transpose(1, 2).to(f32), DA)
+        # Padded frames are replaced (where, not 0 * NaN = NaN) before the GEMM.
+        fr = frames if not has_len else torch.where(
+            (torch.arange(T, device=frames.device)[None, :] < lengths[:, None])[..., None], frames, 0.0)
+        dW1 = torch.bmm(fr.transpose(1, 2).to(f32), DA)
         db1 = DA.sum(1)
         dweight = torch.bmm(DS.unsqueeze(1), GA).squeeze(1)
         dbias = DS.sum(1)

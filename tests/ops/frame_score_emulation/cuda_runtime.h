@@ -32,6 +32,16 @@ inline T __ldg(const T* p) {
   return *p;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline unsigned __float_as_uint(float x) {
+  unsigned u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
 
 // The block in flight.
 struct EmulBlock {

@@ -126,6 +126,7 @@ int fs_emul_bwd_frames(const int64_t* d, void** ptr) {
   p.ds = static_cast<const float*>(ptr[i++]);
   p.slot = static_cast<const int32_t*>(ptr[i++]);
   p.extra = static_cast<const float*>(ptr[i++]);
+  p.lengths = static_cast<const int64_t*>(ptr[i++]);
   p.dframes = ptr[i++];
   p.dweight_part = static_cast<float*>(ptr[i++]);
   p.batch = d[0];
