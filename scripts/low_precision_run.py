@@ -7,7 +7,9 @@ a JSON (per-step records + a summary) and, if matplotlib is importable, a PNG pl
 
     .venv/bin/python scripts/low_precision_run.py --steps 3000 --dtype bf16 --out runs/lp_bf16
 
-Exit status 1 if any step had a non-finite loss or gradient.
+Exit status 1 if any step had a non-finite loss or gradient. With fp16 the GradScaler's scaled
+gradient may overflow (the scaler skips that step and halves its scale, as on a GPU); such steps are
+listed as `scaler_skipped_steps`, and their unscaled gradient is recomputed and must be finite.
 """
 from __future__ import annotations
 
@@ -55,16 +57,26 @@ def run(steps: int, dtype: str = "bf16", preset: str = "tiny", batch_size: int =
                 out = model(batch)
                 loss = model.loss(batch, out)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward(retain_graph=scaler.is_enabled())
             scaler.unscale_(opt)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             finite_grads = all(bool(torch.isfinite(g).all()) for g in grads)
+            scaler_overflow = False
+            if scaler.is_enabled() and not finite_grads:
+                # The loss scale made the scaled gradient overflow fp16 (the scaler then skips this step
+                # and lowers the scale, by design). Whether the model's own gradient is finite is a
+                # separate question: recompute it from the same graph without scaling and check.
+                scaler_overflow = True
+                true_grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.grad is not None],
+                                                 allow_unused=True)
+                finite_grads = all(g is None or bool(torch.isfinite(g).all()) for g in true_grads)
             gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
             scaler.step(opt)
             scaler.update()
             lv = float(loss.detach().float())
             rec = {"step": step, "epoch": epoch, "loss": lv, "grad_norm": gnorm,
                    "loss_finite": math.isfinite(lv), "grads_finite": finite_grads,
+                   "scaler_overflow": scaler_overflow,
                    "loss_dtype": str(loss.dtype).replace("torch.", ""), "scale": float(scaler.get_scale())
                    if scaler.is_enabled() else 1.0}
             records.append(rec)
@@ -81,6 +93,7 @@ def run(steps: int, dtype: str = "bf16", preset: str = "tiny", batch_size: int =
     summary = {
         "dtype": dtype, "preset": preset, "steps": len(records), "epochs": epoch, "batch_size": batch_size,
         "lr": lr, "seed": seed, "d": d, "nonfinite_steps": bad,
+        "scaler_skipped_steps": [r["step"] for r in records if r["scaler_overflow"]],
         "loss_first5pct_mean": sum(first) / len(first) if first else None,
         "loss_last5pct_mean": sum(last) / len(last) if last else None,
         "loss_min": min(losses) if losses else None, "loss_max": max(losses) if losses else None,
