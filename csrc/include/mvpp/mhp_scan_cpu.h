@@ -55,11 +55,15 @@ template <>
 struct PhiConst<float> {
   static constexpr float kThr = 0.1f;
   static constexpr int kTerms = 7;
+  // Gaps with Δ dt or dt at or past this take the backward's closed forms (see mhp_bwd_channel): far
+  // below where dt^2 or 1/x^2 leave float's range, far above any time scale a model uses.
+  static constexpr float kHuge = 1e15f;
 };
 template <>
 struct PhiConst<double> {
   static constexpr double kThr = 1e-2;
   static constexpr int kTerms = 9;
+  static constexpr double kHuge = 1e150;
 };
 
 constexpr double factorial(int k) { return k <= 1 ? 1.0 : k * factorial(k - 1); }
@@ -182,10 +186,12 @@ MVPP_INLINE T inv_step(T dp, T inv_dp, T dt, T s) {
 }
 
 // A lane's term of a sum over the state, with the padded lanes N..NP selected to 0 (issue 16). The
-// padded lanes (A = B = C = h = 0) are inert in exact arithmetic, but their intermediates need not be
-// finite (a huge dt times an upstream gradient overflows, then times their zero C gives NaN); every
-// value that crosses lanes -- the row sums and lane totals -- passes through here, so whatever a
-// padded lane computes stays in that lane, whose own per-lane results (dA, dB, dC) are never read.
+// padded lanes (A = B = C = h = 0) are inert in exact arithmetic, but at a huge gap their
+// intermediates need not be finite (dt times an upstream gradient overflows, then times their zero C
+// gives NaN). Every term that crosses lanes at a gap past PhiConst::kHuge (and at the last gap, and
+// in the integral's lane total), and the adjoint those gaps carry to the next, passes through here, so what a padded lane computes stays in that
+// lane, whose own per-lane results (dA, dB, dC) are never read; below kHuge every factor a padded
+// lane meets is bounded, so its terms are exact zeros without the select (see mhp_bwd_channel).
 template <typename T>
 MVPP_INLINE T live(int n, int64_t N, T v) {
   return n < N ? v : T(0);
@@ -337,8 +343,9 @@ MVPP_INLINE void row_sums(const T* __restrict P, int64_t rows, T* __restrict out
 // kSeries = false (|x| >= kThr on every lane, Δ_p normal) it is accumulated as
 // (C h e^x - C h) / Δ_p — one fused multiply-subtract from the decay already computed (no φ, no
 // division, no 1/x) — and multiplied by 1/A_n once per channel at the end (Ivec). Otherwise each
-// lane takes φ from its series or from e^x (IvecS, already in integral units).
-template <typename T, int NP, bool kSeries>
+// lane takes φ from its series or from e^x (IvecS, already in integral units): with kHuge (a step
+// or gap past PhiConst::kHuge) as dt_phi's closed form, q = 1/Δ_p, else as φ(x) dt, q = 1/s.
+template <typename T, int NP, bool kSeries, bool kHuge = false>
 MVPP_INLINE void fwd_gap_jump(T* __restrict h, const T* __restrict Ad, const T* __restrict invA,
                               const T* __restrict Cp, const T* __restrict Bt, const T* __restrict Ct, T sg, T q,
                               T inv_dp, T dtu, T dtt, T* __restrict Ivec, T* __restrict IvecS, T* __restrict Pyl,
@@ -346,18 +353,25 @@ MVPP_INLINE void fwd_gap_jump(T* __restrict h, const T* __restrict Ad, const T* 
 #pragma omp simd
   for (int n = 0; n < NP; ++n) {
     const T x = Ad[n] * sg;
-    const T e = decay_exp<!kSeries>(x);  // the fast path's caller checked x <= 0
+    // (the fast path's caller checked x <= 0; exp_approx's e^-87 floor only shows at huge steps)
+    const T e = kHuge ? decay_exp<!kSeries>(x) : exp_approx<!kSeries>(x);
     const T hn = h[n];
     const T ch = Cp[n] * hn;
-    Pyl[n] = live(n, N, ch * e);
+    // Padded lanes (A = B = C = h = 0) give x = 0 * s = 0 (s is saturated), so their terms are exact
+    // zeros here unless a huge step overflows Δ u: only huge steps pay for the select.
+    Pyl[n] = kHuge ? live(n, N, ch * e) : ch * e;
     if constexpr (!kSeries) {
       Ivec[n] = fmadd(fmadd(ch, e, -ch), inv_dp, Ivec[n]);
     } else {
-      IvecS[n] = fmadd(ch, dt_phi<T, true>(x, e, invA[n], q, dtt), IvecS[n]);
+      if constexpr (kHuge) {
+        IvecS[n] = fmadd(ch, dt_phi<T, true>(x, e, invA[n], q, dtt), IvecS[n]);
+      } else {
+        IvecS[n] = fmadd(ch * phi<T, true>(x, e, invA[n] * q), dtt, IvecS[n]);
+      }
     }
     const T hp = fmadd(e, hn, dtu * Bt[n]);
     h[n] = hp;
-    Py[n] = live(n, N, Ct[n] * hp);
+    Py[n] = kHuge ? live(n, N, Ct[n] * hp) : Ct[n] * hp;
   }
 }
 
@@ -416,12 +430,21 @@ MVPP_MHP_FLATTEN void mhp_fwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
         const T* Ct = Cb + t * Cs;
         T* Pyl = Pyl0 + i * NP;
         T* Py = Py0 + i * NP;
+        const bool huge = sg >= PhiConst<T>::kHuge || dtt >= PhiConst<T>::kHuge;
         if (nonpos && sg * minA >= PhiConst<T>::kThr && dprev >= std::numeric_limits<T>::min()) {
-          fwd_gap_jump<T, NP, false>(h, Ad, invA, Cprev, Bt, Ct, sg, T(0), inv_dprev, s.dtu[i], dtt, Ivec, IvecS,
-                                     Pyl, Py, N);
+          if (huge) {
+            fwd_gap_jump<T, NP, false, true>(h, Ad, invA, Cprev, Bt, Ct, sg, T(0), inv_dprev, s.dtu[i], dtt, Ivec,
+                                             IvecS, Pyl, Py, N);
+          } else {
+            fwd_gap_jump<T, NP, false>(h, Ad, invA, Cprev, Bt, Ct, sg, T(0), inv_dprev, s.dtu[i], dtt, Ivec, IvecS,
+                                       Pyl, Py, N);
+          }
+        } else if (huge) {
+          fwd_gap_jump<T, NP, true, true>(h, Ad, invA, Cprev, Bt, Ct, sg, inv_step(dprev, inv_dprev, dtt, sg), T(0),
+                                          s.dtu[i], dtt, Ivec, IvecS, Pyl, Py, N);
         } else {
-          fwd_gap_jump<T, NP, true>(h, Ad, invA, Cprev, Bt, Ct, sg, inv_step(dprev, inv_dprev, dtt, sg), T(0),
-                                    s.dtu[i], dtt, Ivec, IvecS, Pyl, Py, N);
+          fwd_gap_jump<T, NP, true>(h, Ad, invA, Cprev, Bt, Ct, sg, safe_inv(sg), T(0), s.dtu[i], dtt, Ivec, IvecS,
+                                    Pyl, Py, N);
         }
         dprev = s.d[i];
         inv_dprev = s.inv_d[i];
@@ -613,7 +636,7 @@ MVPP_MHP_FLATTEN void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
         dA_acc[n] = fmadd(dint * ch, dAi, dA_acc[n]);
         pI[n] = live(n, N, dint * ch * e);  // d(loss)/d dt_end: d(dt φ(A Δ dt))/d dt = e^x
         dCp[n] = fmadd(dint * dtph, h[n], dCp[n]);
-        g[n] = fmadd(dint * dtph, Cp[n], g[n]);
+        g[n] = live(n, N, fmadd(dint * dtph, Cp[n], g[n]));  // the carried adjoint: padded lanes stay 0
       }
       pend = lane_total<T, NP>(pS);
       ddt_end = lane_total<T, NP>(pI);
@@ -643,42 +666,66 @@ MVPP_MHP_FLATTEN void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
       T* __restrict rsB = PsB + i * NP;
       T* __restrict rS = PS + i * NP;
       T* __restrict rI = PI + i * NP;
-      auto step = [&](auto series) {
+      // kHuge: a gap whose step s, length dt or integral weight dint dt is past PhiConst::kHuge takes
+      // the closed forms below (no s, no dt^2, no φ' ~ 1/x^2 that under- or overflow) and selects
+      // the padded lanes out of its row terms (live). Every other gap takes the cheaper direct
+      // products; there every factor a padded lane (A = B = C = h = 0, so x = 0, e = φ = 1) meets is
+      // bounded by kHuge, so its terms are exact zeros without a select.
+      const T w = dint * dtt;
+      auto step = [&](auto series, auto huge) {
         constexpr bool kS = decltype(series)::value;
+        constexpr bool kHuge = decltype(huge)::value;
 #pragma omp simd
         for (int n = 0; n < NP; ++n) {
           const T e = dci[n], hpn = hp[n];
           const T hm = e * hpn;
           const T hplus = hq[n];
-          ryacc[n] = live(n, N, Ct[n] * hplus);
+          ryacc[n] = kHuge ? live(n, N, Ct[n] * hplus) : Ct[n] * hplus;
           dCt[n] = fmadd(dy, hplus, dCt[n]);
           const T gp = fmadd(dy, Ct[n], g[n]);  // adjoint of h_t^+
-          rsB[n] = live(n, N, gp * Bt[n]);
+          rsB[n] = kHuge ? live(n, N, gp * Bt[n]) : gp * Bt[n];
           dBt[n] = fmadd(gp, dtu, dBt[n]);
           const T gm = fmadd(dylt, Cp[n], gp);  // adjoint of h_t^-
           const T x = Ad[n] * sg;
           const T invx = invA[n] * inv_sg;
           const T ph = phi<T, kS>(x, e, invx);
           const T dph = dphi<T, kS>(x, e, ph, invx);
-          const T dtph = dt_phi<T, kS>(x, e, invA[n], q, dtt);
           const T cph = Cp[n] * hpn;
-          dCp[n] = fmadd(dylt, hm, fmadd(dint * dtph, hpn, dCp[n]));
-          // d(loss)/dx_n = gh e + dint dt C h φ'(x); through x = A Δ_p dt it reaches A, Δ_p and dt,
-          // each formed in closed form (no s, no dt^2, no φ' / x^2 that under- or overflows):
-          // dA = (gh e) s + dint C h dA_of_int; dΔ_p = (gh e) dt A + dint C h dD_of_int;
-          // d dt = (gh e) A Δ_p + dint C h e (x φ' + φ = e^x).
-          const T ghe = gm * hpn * e;
-          const T dAi = dA_of_int<T, kS>(x, e, dph, dtph, invA[n], dtt, sg);
-          dA_acc[n] = fmadd(ghe, sg, fmadd(dint * cph, dAi, dA_acc[n]));
-          rS[n] = live(n, N, fmadd(ghe * dtt, Ad[n], dint * cph * dD_of_int<T, kS>(x, dph, dAi, q, Ad[n], dtt)));
-          rI[n] = live(n, N, fmadd(ghe * Ad[n], dp, dint * cph * e));
-          g[n] = fmadd(gm, e, dint * dtph * Cp[n]);
+          // d(loss)/dx_n = gh e + dint dt C h φ'(x) reaches A (x s), Δ_p (x A dt) and dt (x A Δ_p,
+          // plus the integral's own dint C h φ); rS holds the gap's d(loss)/dΔ_p, rI its d(loss)/d dt.
+          if constexpr (!kHuge) {
+            dCp[n] = fmadd(dylt, hm, fmadd(w * ph, hpn, dCp[n]));
+            const T wx = fmadd(gm * hpn, e, w * cph * dph);
+            dA_acc[n] = fmadd(wx, sg, dA_acc[n]);
+            const T wA = wx * Ad[n];
+            rS[n] = wA * dtt;
+            rI[n] = fmadd(wA, dp, dint * cph * ph);
+            g[n] = fmadd(gm, e, w * ph * Cp[n]);
+          } else {
+            // Closed forms: dA = (gh e) s + dint C h dA_of_int; dΔ_p = (gh e) dt A + dint C h
+            // dD_of_int; d dt = (gh e) A Δ_p + dint C h e (x φ' + φ = e^x).
+            const T dtph = dt_phi<T, kS>(x, e, invA[n], q, dtt);
+            dCp[n] = fmadd(dylt, hm, fmadd(dint * dtph, hpn, dCp[n]));
+            const T ghe = gm * hpn * e;
+            const T dAi = dA_of_int<T, kS>(x, e, dph, dtph, invA[n], dtt, sg);
+            dA_acc[n] = fmadd(ghe, sg, fmadd(dint * cph, dAi, dA_acc[n]));
+            rS[n] = live(n, N, fmadd(ghe * dtt, Ad[n], dint * cph * dD_of_int<T, kS>(x, dph, dAi, q, Ad[n], dtt)));
+            rI[n] = live(n, N, fmadd(ghe * Ad[n], dp, dint * cph * e));
+            g[n] = live(n, N, fmadd(gm, e, dint * dtph * Cp[n]));  // carried: padded lanes stay 0
+          }
         }
       };
-      if (sg * minA >= PhiConst<T>::kThr) {
-        step(std::false_type{});
+      const bool fast = sg * minA >= PhiConst<T>::kThr;
+      if (sg >= PhiConst<T>::kHuge || dtt >= PhiConst<T>::kHuge || !(std::fabs(w) < PhiConst<T>::kHuge)) {
+        if (fast) {
+          step(std::false_type{}, std::true_type{});
+        } else {
+          step(std::true_type{}, std::true_type{});
+        }
+      } else if (fast) {
+        step(std::false_type{}, std::false_type{});
       } else {
-        step(std::true_type{});
+        step(std::true_type{}, std::false_type{});
       }
     }
     if (z) row_sums<T, NP>(Pyacc, m, Ryacc);
