@@ -33,7 +33,8 @@ T* ptr_or_null(const Tensor& x) {
 }
 
 // (dim, N) -> (dim, NP) and (batch, G, N, L) -> (batch, G, L, NP), zero-padded: one step's states
-// contiguous, and padded states inert (A = B = C = 0).
+// contiguous, and padded states inert (A = B = C = 0; their terms are also selected out of every sum
+// over the state, see `live` in mhp_scan_cpu.h).
 Tensor pad_states(const Tensor& X, int64_t NP, at::ScalarType ct) {
   if (X.dim() == 2) {
     Tensor out = at::zeros({X.size(0), NP}, X.options().dtype(ct));

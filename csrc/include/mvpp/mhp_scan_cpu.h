@@ -55,11 +55,15 @@ template <>
 struct PhiConst<float> {
   static constexpr float kThr = 0.1f;
   static constexpr int kTerms = 7;
+  // Gaps with Δ dt or dt at or past this take the backward's closed forms (see mhp_bwd_channel): far
+  // below where dt^2 or 1/x^2 leave float's range, far above any time scale a model uses.
+  static constexpr float kHuge = 1e15f;
 };
 template <>
 struct PhiConst<double> {
   static constexpr double kThr = 1e-2;
   static constexpr int kTerms = 9;
+  static constexpr double kHuge = 1e150;
 };
 
 constexpr double factorial(int k) { return k <= 1 ? 1.0 : k * factorial(k - 1); }
@@ -88,6 +92,39 @@ MVPP_INLINE T dphi(T x, T e, T ph, T invx) {
   return std::fabs(x) < PhiConst<T>::kThr ? ser : big;
 }
 
+// dt φ(x) = ∫_0^dt e^{A Δ r} dr, the integral of one lane's decay over a gap, given e = e^x and
+// q = 1/Δ (inv_step): dt times φ's series near x = 0, else (e^x - 1) invA q -- never through 1/s,
+// so right for any dt (a saturated s, or φ(-inf) * dt = 0 * dt, would lose it).
+template <typename T, bool kSeries>
+MVPP_INLINE T dt_phi(T x, T e, T invA, T q, T dt) {
+  const T big = (e - T(1)) * invA * q;
+  if (!kSeries) return big;
+  constexpr int K = PhiConst<T>::kTerms;
+  T ser = T(1.0 / factorial(K + 1));
+  for (int k = K - 1; k >= 0; --k) ser = fmadd(ser, x, T(1.0 / factorial(k + 1)));
+  return std::fabs(x) < PhiConst<T>::kThr ? ser * dt : big;
+}
+
+// d(dt φ(A Δ dt))/dA = dt s φ'(x), given φ' = dph and dt φ = dtph: (dt s) φ' near x = 0, else
+// (dt e^x - dt φ) / A, which needs neither s (saturated) nor φ' (whose 1/x^2 underflows at large
+// |x|: a 1e38 gap lost the integral's whole dA in float).
+template <typename T, bool kSeries>
+MVPP_INLINE T dA_of_int(T x, T e, T dph, T dtph, T invA, T dt, T s) {
+  const T big = invA * fmadd(dt, e, -dtph);
+  if (!kSeries) return big;
+  return std::fabs(x) < PhiConst<T>::kThr ? (dt * s) * dph : big;
+}
+
+// d(dt φ(A Δ dt))/dΔ = A dt^2 φ'(x): (A dt) dt φ' near x = 0 (A first: exactly 0 for A = 0 and the
+// padded lanes, where dt^2 alone may overflow), else A dA_of_int / Δ (q = 1/Δ). Never dt * (dt φ'):
+// at a 1e38 gap dt φ' ~ 1/(A^2 Δ^2 dt) underflows.
+template <typename T, bool kSeries>
+MVPP_INLINE T dD_of_int(T x, T dph, T dAi, T q, T A, T dt) {
+  const T big = dAi * q * A;
+  if (!kSeries) return big;
+  return std::fabs(x) < PhiConst<T>::kThr ? (A * dt) * dt * dph : big;
+}
+
 // Per-channel constants: 1/A_n (0 where A_n = 0, whose x = 0 always takes the series) and the
 // smallest |A_n|, so a gap with s * min|A| >= kThr skips the series on every lane.
 template <typename T, int NP>
@@ -113,6 +150,51 @@ MVPP_INLINE bool all_nonpositive(const T* Ad) {
 template <typename T>
 MVPP_INLINE T safe_inv(T s) {
   return s != T(0) ? T(1) / s : T(0);
+}
+
+// The numerics of a gap under overflow (issue 16), each in one place: every gap's step (gap_step),
+// decay (decay_exp) and integral (inv_step, dt_phi, dA_of_int above) go through these, so no lane
+// ever computes 0 * inf and no float under- or overflow of an intermediate reaches a result.
+//
+// gap_step: s = Δ_p dt, saturated at the largest finite T. Δ dt overflows for finite inputs (a gap
+// of 3e38 with Δ = 2); x = A_n s is then never 0 * inf (the zero-padded lanes N..NP and real A = 0
+// lanes give x = 0, e^x = 1, and their h = 0 or x = 0 is exact), and e^x s is never 0 * inf. NaN
+// stays NaN (std::min returns its first argument when unordered).
+template <typename T>
+MVPP_INLINE T gap_step(T dp, T dt) {
+  return std::min(dp * dt, std::numeric_limits<T>::max());
+}
+
+// e^x for a decay: exp_approx clamps x at -87 (its exponent-bit trick cannot build a subnormal
+// scale), so it never returns less than e^-87 ~ 1.6e-38; with a huge state or step that floor
+// shows (1.6e-38 * s ~ 5 in dA at s = 3e38). Below log(FLT_MIN) the decay is 0 (error < FLT_MIN).
+template <bool kNonPos = false>
+MVPP_INLINE float decay_exp(float x) {
+  return x < -87.3365448f ? 0.0f : exp_approx<kNonPos>(x);
+}
+template <bool kNonPos = false>
+MVPP_INLINE double decay_exp(double x) {
+  return exp_approx<kNonPos>(x);
+}
+
+// q = 1/Δ_p for the integral's closed form dt φ(x) = (e^x - 1) / (A Δ_p): 1/Δ when Δ is normal,
+// else dt/s (s = Δ dt cannot overflow then, so it is not saturated); 0 for Δ = 0 (every x is then 0
+// and takes the series). Never dt/s for a normal Δ: a saturated s would make it wrong.
+template <typename T>
+MVPP_INLINE T inv_step(T dp, T inv_dp, T dt, T s) {
+  return dp >= std::numeric_limits<T>::min() ? inv_dp : dt * safe_inv(s);
+}
+
+// A lane's term of a sum over the state, with the padded lanes N..NP selected to 0 (issue 16). The
+// padded lanes (A = B = C = h = 0) are inert in exact arithmetic, but at a huge gap their
+// intermediates need not be finite (dt times an upstream gradient overflows, then times their zero C
+// gives NaN). Every term that crosses lanes at a gap past PhiConst::kHuge (and at the last gap, and
+// in the integral's lane total), and the adjoint those gaps carry to the next, passes through here, so what a padded lane computes stays in that
+// lane, whose own per-lane results (dA, dB, dC) are never read; below kHuge every factor a padded
+// lane meets is bounded, so its terms are exact zeros without the select (see mhp_bwd_channel).
+template <typename T>
+MVPP_INLINE T live(int n, int64_t N, T v) {
+  return n < N ? v : T(0);
 }
 
 template <typename T>
@@ -261,27 +343,35 @@ MVPP_INLINE void row_sums(const T* __restrict P, int64_t rows, T* __restrict out
 // kSeries = false (|x| >= kThr on every lane, Δ_p normal) it is accumulated as
 // (C h e^x - C h) / Δ_p — one fused multiply-subtract from the decay already computed (no φ, no
 // division, no 1/x) — and multiplied by 1/A_n once per channel at the end (Ivec). Otherwise each
-// lane takes φ from its series or from e^x (IvecS, already in integral units).
-template <typename T, int NP, bool kSeries>
+// lane takes φ from its series or from e^x (IvecS, already in integral units): with kHuge (a step
+// or gap past PhiConst::kHuge) as dt_phi's closed form, q = 1/Δ_p, else as φ(x) dt, q = 1/s.
+template <typename T, int NP, bool kSeries, bool kHuge = false>
 MVPP_INLINE void fwd_gap_jump(T* __restrict h, const T* __restrict Ad, const T* __restrict invA,
-                              const T* __restrict Cp, const T* __restrict Bt, const T* __restrict Ct, T sg, T inv_sg,
+                              const T* __restrict Cp, const T* __restrict Bt, const T* __restrict Ct, T sg, T q,
                               T inv_dp, T dtu, T dtt, T* __restrict Ivec, T* __restrict IvecS, T* __restrict Pyl,
-                              T* __restrict Py) {
+                              T* __restrict Py, int64_t N) {
 #pragma omp simd
   for (int n = 0; n < NP; ++n) {
     const T x = Ad[n] * sg;
-    const T e = exp_approx<!kSeries>(x);  // the fast path's caller checked x <= 0
+    // (the fast path's caller checked x <= 0; exp_approx's e^-87 floor only shows at huge steps)
+    const T e = kHuge ? decay_exp<!kSeries>(x) : exp_approx<!kSeries>(x);
     const T hn = h[n];
     const T ch = Cp[n] * hn;
-    Pyl[n] = ch * e;
+    // Padded lanes (A = B = C = h = 0) give x = 0 * s = 0 (s is saturated), so their terms are exact
+    // zeros here unless a huge step overflows Δ u: only huge steps pay for the select.
+    Pyl[n] = kHuge ? live(n, N, ch * e) : ch * e;
     if constexpr (!kSeries) {
       Ivec[n] = fmadd(fmadd(ch, e, -ch), inv_dp, Ivec[n]);
     } else {
-      IvecS[n] = fmadd(ch * phi<T, true>(x, e, invA[n] * inv_sg), dtt, IvecS[n]);
+      if constexpr (kHuge) {
+        IvecS[n] = fmadd(ch, dt_phi<T, true>(x, e, invA[n], q, dtt), IvecS[n]);
+      } else {
+        IvecS[n] = fmadd(ch * phi<T, true>(x, e, invA[n] * q), dtt, IvecS[n]);
+      }
     }
     const T hp = fmadd(e, hn, dtu * Bt[n]);
     h[n] = hp;
-    Py[n] = Ct[n] * hp;
+    Py[n] = kHuge ? live(n, N, Ct[n] * hp) : Ct[n] * hp;
   }
 }
 
@@ -335,17 +425,26 @@ MVPP_MHP_FLATTEN void mhp_fwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
       for (int64_t t = t0; t < te; ++t) {
         const int64_t i = t - t0;
         const T dtt = dtb[t];
-        const T sg = dprev * dtt;
+        const T sg = gap_step(dprev, dtt);
         const T* Bt = Bb + t * Bs;
         const T* Ct = Cb + t * Cs;
         T* Pyl = Pyl0 + i * NP;
         T* Py = Py0 + i * NP;
+        const bool huge = sg >= PhiConst<T>::kHuge || dtt >= PhiConst<T>::kHuge;
         if (nonpos && sg * minA >= PhiConst<T>::kThr && dprev >= std::numeric_limits<T>::min()) {
-          fwd_gap_jump<T, NP, false>(h, Ad, invA, Cprev, Bt, Ct, sg, T(0), inv_dprev, s.dtu[i], dtt, Ivec, IvecS,
-                                     Pyl, Py);
+          if (huge) {
+            fwd_gap_jump<T, NP, false, true>(h, Ad, invA, Cprev, Bt, Ct, sg, T(0), inv_dprev, s.dtu[i], dtt, Ivec,
+                                             IvecS, Pyl, Py, N);
+          } else {
+            fwd_gap_jump<T, NP, false>(h, Ad, invA, Cprev, Bt, Ct, sg, T(0), inv_dprev, s.dtu[i], dtt, Ivec, IvecS,
+                                       Pyl, Py, N);
+          }
+        } else if (huge) {
+          fwd_gap_jump<T, NP, true, true>(h, Ad, invA, Cprev, Bt, Ct, sg, inv_step(dprev, inv_dprev, dtt, sg), T(0),
+                                          s.dtu[i], dtt, Ivec, IvecS, Pyl, Py, N);
         } else {
-          fwd_gap_jump<T, NP, true>(h, Ad, invA, Cprev, Bt, Ct, sg, safe_inv(sg), T(0), s.dtu[i], dtt, Ivec,
-                                    IvecS, Pyl, Py);
+          fwd_gap_jump<T, NP, true>(h, Ad, invA, Cprev, Bt, Ct, sg, safe_inv(sg), T(0), s.dtu[i], dtt, Ivec, IvecS,
+                                    Pyl, Py, N);
         }
         dprev = s.d[i];
         inv_dprev = s.inv_d[i];
@@ -372,16 +471,16 @@ MVPP_MHP_FLATTEN void mhp_fwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
   }
   if (a.dt_end && len > 0) {
     const T dte = a.dt_end[b];
-    const T sg = dprev * dte;
-    const T inv_sg = safe_inv(sg);
+    const T sg = gap_step(dprev, dte);
+    const T q = inv_step(dprev, inv_dprev, dte, sg);
 #pragma omp simd
     for (int n = 0; n < NP; ++n) {
       const T x = Ad[n] * sg;
-      IvecS[n] = fmadd(Cprev[n] * h[n] * phi<T, true>(x, exp_approx(x), invA[n] * inv_sg), dte, IvecS[n]);
+      IvecS[n] = fmadd(Cprev[n] * h[n], dt_phi<T, true>(x, decay_exp(x), invA[n], q, dte), IvecS[n]);
     }
   }
   alignas(64) T Itot[NP];
-  for (int n = 0; n < NP; ++n) Itot[n] = fmadd(invA[n], Ivec[n], IvecS[n]);
+  for (int n = 0; n < NP; ++n) Itot[n] = live(n, N, fmadd(invA[n], Ivec[n], IvecS[n]));
   a.integral[bd] = lane_total<T, NP>(Itot);
   T* last = a.last_state + bd * N;
   for (int64_t n = 0; n < N; ++n) last[n] = h[n];
@@ -491,7 +590,7 @@ MVPP_MHP_FLATTEN void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
     }
     const T dprev0 = t0 == 0 ? s.d[0] : step_of(a, delta[t0 - 1] + bias);
     for (int64_t i = 0; i < m; ++i) {
-      const T sg = (i == 0 ? dprev0 : s.d[i - 1]) * dtb[t0 + i];
+      const T sg = gap_step(i == 0 ? dprev0 : s.d[i - 1], dtb[t0 + i]);
       const T dtu = s.dtu[i];
       const T* Bt = Bb + (t0 + i) * Bs;
       T* hp = hs + i * NP;
@@ -499,7 +598,7 @@ MVPP_MHP_FLATTEN void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
       auto recompute = [&](auto nonpos_x) {
 #pragma omp simd
         for (int n = 0; n < NP; ++n) {
-          const T e = exp_approx<decltype(nonpos_x)::value>(Ad[n] * sg);
+          const T e = decay_exp<decltype(nonpos_x)::value>(Ad[n] * sg);
           hp[n] = h[n];
           dci[n] = e;
           h[n] = fmadd(e, h[n], dtu * Bt[n]);
@@ -516,37 +615,38 @@ MVPP_MHP_FLATTEN void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
       // The last gap (t_len, T]: h holds h_len^+, read out with C_len and decayed at Δ_len.
       const T dte = a.dt_end[b];
       const T dp = s.d[m - 1];
-      const T sg = dp * dte;
+      const T sg = gap_step(dp, dte);
       const T inv_sg = safe_inv(sg);
+      const T q = inv_step(dp, s.inv_d[m - 1], dte, sg);
       const T* Cp = Cb + (len - 1) * Cs;
       T* dCp = Cvar ? dC_var + (len - 1) * NP : dCc;
-      const T w = dint * dte;
       alignas(64) T pS[NP];
       alignas(64) T pI[NP];
 #pragma omp simd
       for (int n = 0; n < NP; ++n) {
         const T x = Ad[n] * sg;
-        const T e = exp_approx(x);
+        const T e = decay_exp(x);
         const T invx = invA[n] * inv_sg;
         const T ph = phi<T, true>(x, e, invx);
+        const T dph = dphi<T, true>(x, e, ph, invx);
+        const T dtph = dt_phi<T, true>(x, e, invA[n], q, dte);
         const T ch = Cp[n] * h[n];
-        const T wx = w * ch * dphi<T, true>(x, e, ph, invx);
-        pS[n] = wx * Ad[n];
-        dA_acc[n] = fmadd(wx, sg, dA_acc[n]);
-        pI[n] = ch * ph;
-        dCp[n] = fmadd(w * ph, h[n], dCp[n]);
-        g[n] = fmadd(w * ph, Cp[n], g[n]);
+        const T dAi = dA_of_int<T, true>(x, e, dph, dtph, invA[n], dte, sg);
+        pS[n] = live(n, N, dint * ch * dD_of_int<T, true>(x, dph, dAi, q, Ad[n], dte));  // d(loss)/dΔ_len
+        dA_acc[n] = fmadd(dint * ch, dAi, dA_acc[n]);
+        pI[n] = live(n, N, dint * ch * e);  // d(loss)/d dt_end: d(dt φ(A Δ dt))/d dt = e^x
+        dCp[n] = fmadd(dint * dtph, h[n], dCp[n]);
+        g[n] = live(n, N, fmadd(dint * dtph, Cp[n], g[n]));  // the carried adjoint: padded lanes stay 0
       }
-      const T S = lane_total<T, NP>(pS);
-      pend = dte * S;
-      ddt_end = fmadd(dp, S, dint * lane_total<T, NP>(pI));
+      pend = lane_total<T, NP>(pS);
+      ddt_end = lane_total<T, NP>(pI);
     }
     // Adjoint recurrence over the chunk, newest event first.
     for (int64_t i = m - 1; i >= 0; --i) {
       const int64_t t = t0 + i;
       const T dp = i == 0 ? dprev0 : s.d[i - 1];
       const T dtt = dtb[t];
-      const T sg = dp * dtt;
+      const T sg = gap_step(dp, dtt);
       const T dtu = s.dtu[i];
       const int64_t p = t > 0 ? t - 1 : 0;
       const T* __restrict Bt = Bb + t * Bs;
@@ -560,60 +660,89 @@ MVPP_MHP_FLATTEN void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
       T* dCp = Cvar ? dC_var + p * NP : dCc;
       const T dy = dyv[i];
       const T dylt = dyl ? dyl[t] : T(0);
-      const T w = dint * dtt;
       const T inv_sg = safe_inv(sg);
+      const T q = inv_step(dp, i == 0 ? safe_inv(dprev0) : s.inv_d[i - 1], dtt, sg);
       T* __restrict ryacc = Pyacc + i * NP;
       T* __restrict rsB = PsB + i * NP;
       T* __restrict rS = PS + i * NP;
       T* __restrict rI = PI + i * NP;
-      auto step = [&](auto series) {
+      // kHuge: a gap whose step s, length dt or integral weight dint dt is past PhiConst::kHuge takes
+      // the closed forms below (no s, no dt^2, no φ' ~ 1/x^2 that under- or overflow) and selects
+      // the padded lanes out of its row terms (live). Every other gap takes the cheaper direct
+      // products; there every factor a padded lane (A = B = C = h = 0, so x = 0, e = φ = 1) meets is
+      // bounded by kHuge, so its terms are exact zeros without a select.
+      const T w = dint * dtt;
+      auto step = [&](auto series, auto huge) {
         constexpr bool kS = decltype(series)::value;
+        constexpr bool kHuge = decltype(huge)::value;
 #pragma omp simd
         for (int n = 0; n < NP; ++n) {
           const T e = dci[n], hpn = hp[n];
           const T hm = e * hpn;
           const T hplus = hq[n];
-          ryacc[n] = Ct[n] * hplus;
+          ryacc[n] = kHuge ? live(n, N, Ct[n] * hplus) : Ct[n] * hplus;
           dCt[n] = fmadd(dy, hplus, dCt[n]);
           const T gp = fmadd(dy, Ct[n], g[n]);  // adjoint of h_t^+
-          rsB[n] = gp * Bt[n];
+          rsB[n] = kHuge ? live(n, N, gp * Bt[n]) : gp * Bt[n];
           dBt[n] = fmadd(gp, dtu, dBt[n]);
           const T gm = fmadd(dylt, Cp[n], gp);  // adjoint of h_t^-
           const T x = Ad[n] * sg;
           const T invx = invA[n] * inv_sg;
           const T ph = phi<T, kS>(x, e, invx);
+          const T dph = dphi<T, kS>(x, e, ph, invx);
           const T cph = Cp[n] * hpn;
-          dCp[n] = fmadd(dylt, hm, fmadd(w * ph, hpn, dCp[n]));
-          const T wx = fmadd(gm * hpn, e, w * cph * dphi<T, kS>(x, e, ph, invx));  // d(loss)/dx_n
-          rS[n] = wx * Ad[n];
-          dA_acc[n] = fmadd(wx, sg, dA_acc[n]);
-          rI[n] = cph * ph;
-          g[n] = fmadd(gm, e, w * ph * Cp[n]);
+          // d(loss)/dx_n = gh e + dint dt C h φ'(x) reaches A (x s), Δ_p (x A dt) and dt (x A Δ_p,
+          // plus the integral's own dint C h φ); rS holds the gap's d(loss)/dΔ_p, rI its d(loss)/d dt.
+          if constexpr (!kHuge) {
+            dCp[n] = fmadd(dylt, hm, fmadd(w * ph, hpn, dCp[n]));
+            const T wx = fmadd(gm * hpn, e, w * cph * dph);
+            dA_acc[n] = fmadd(wx, sg, dA_acc[n]);
+            const T wA = wx * Ad[n];
+            rS[n] = wA * dtt;
+            rI[n] = fmadd(wA, dp, dint * cph * ph);
+            g[n] = fmadd(gm, e, w * ph * Cp[n]);
+          } else {
+            // Closed forms: dA = (gh e) s + dint C h dA_of_int; dΔ_p = (gh e) dt A + dint C h
+            // dD_of_int; d dt = (gh e) A Δ_p + dint C h e (x φ' + φ = e^x).
+            const T dtph = dt_phi<T, kS>(x, e, invA[n], q, dtt);
+            dCp[n] = fmadd(dylt, hm, fmadd(dint * dtph, hpn, dCp[n]));
+            const T ghe = gm * hpn * e;
+            const T dAi = dA_of_int<T, kS>(x, e, dph, dtph, invA[n], dtt, sg);
+            dA_acc[n] = fmadd(ghe, sg, fmadd(dint * cph, dAi, dA_acc[n]));
+            rS[n] = live(n, N, fmadd(ghe * dtt, Ad[n], dint * cph * dD_of_int<T, kS>(x, dph, dAi, q, Ad[n], dtt)));
+            rI[n] = live(n, N, fmadd(ghe * Ad[n], dp, dint * cph * e));
+            g[n] = live(n, N, fmadd(gm, e, dint * dtph * Cp[n]));  // carried: padded lanes stay 0
+          }
         }
       };
-      if (sg * minA >= PhiConst<T>::kThr) {
-        step(std::false_type{});
+      const bool fast = sg * minA >= PhiConst<T>::kThr;
+      if (sg >= PhiConst<T>::kHuge || dtt >= PhiConst<T>::kHuge || !(std::fabs(w) < PhiConst<T>::kHuge)) {
+        if (fast) {
+          step(std::false_type{}, std::true_type{});
+        } else {
+          step(std::true_type{}, std::true_type{});
+        }
+      } else if (fast) {
+        step(std::false_type{}, std::false_type{});
       } else {
-        step(std::true_type{});
+        step(std::true_type{}, std::false_type{});
       }
     }
     if (z) row_sums<T, NP>(Pyacc, m, Ryacc);
     row_sums<T, NP>(PsB, m, RsB);
     row_sums<T, NP>(PS, m, RS);
     row_sums<T, NP>(PI, m, RI);
-    // Event t's Δ_t decays the gap after it (read out at t + 1): its pending dΔ is dt_{t+1} S_{t+1},
-    // from this chunk or (for the chunk's last event) carried in `pend`.
-    for (int64_t i = 0; i + 1 < m; ++i) nextS[i] = dtb[t0 + i + 1] * RS[i + 1];
+    // Event t's Δ_t decays the gap after it (read out at t + 1): its pending dΔ is RS_{t+1} (the
+    // gap's d(loss)/dΔ_p), from this chunk or (for the chunk's last event) carried in `pend`.
+    for (int64_t i = 0; i + 1 < m; ++i) nextS[i] = RS[i + 1];
     nextS[m - 1] = pend;
     const T* ut = u + t0;
-    const T* dtt = dtb + t0;
     T dD_c = T(0), ddb_c = T(0);
 #pragma omp simd reduction(+ : dD_c, ddb_c)
     for (int64_t i = 0; i < m; ++i) {
-      const T dp = i == 0 ? dprev0 : s.d[i - 1];
       const T dy = dyv[i];
-      const T sB = RsB[i], S = RS[i];
-      ddt[t0 + i] = fmadd(dp, S, dint * RI[i]);
+      const T sB = RsB[i];
+      ddt[t0 + i] = RI[i];
       if (dz) dz[t0 + i] = dout[t0 + i] * fmadd(Dd, ut[i], Ryacc[i]) * dgv[i];
       dD_c = fmadd(dy, ut[i], dD_c);
       du[t0 + i] = fmadd(dy, Dd, s.d[i] * sB);
@@ -623,12 +752,12 @@ MVPP_MHP_FLATTEN void mhp_bwd_channel(const MhpArgs<T>& a, int64_t b, int64_t d,
     }
     if (t0 == 0) {
       // The first gap decays at Δ_1 (event 0 here): its dΔ goes to event 0 itself.
-      const T extra = dtt[0] * RS[0] * s.dsp[0];
+      const T extra = RS[0] * s.dsp[0];
       ddelta[0] += extra;
       ddb_c += extra;
       pend = T(0);
     } else {
-      pend = dtt[0] * RS[0];
+      pend = RS[0];
     }
     dD_acc += dD_c;
     ddb_acc += ddb_c;

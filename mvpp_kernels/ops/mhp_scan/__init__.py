@@ -204,11 +204,15 @@ def _validate(u, delta, A, B, C, dt, D, z, delta_bias, dt_end, lengths, initial_
         _check_gaps("dt_end", dt_end, None)
     # The state must decay, never grow: exp(A Δ dt) with A <= 0 (and Δ >= 0) is what keeps every
     # exponent argument <= 0, so gaps of any length cannot overflow.
-    # _masked_stats reports the largest *finite* value, so +inf is counted among the non-finite ones
-    # and checked separately (it grows the state like any positive A).
-    if A.numel() and ((st := _masked_stats(A))[1] > 0 or (st[2] and bool((A.detach() > 0).any()))):
-        raise ValueError("A must be <= 0 (a decaying state; parametrise it as -exp(A_log)); "
-                         f"it has {int((A.detach() > 0).sum())} positive value(s)")
+    # _masked_stats reports the largest *finite* value, so +inf and NaN are counted among the
+    # non-finite ones and checked separately: +inf grows the state like any positive A, and a NaN
+    # rate poisons every output of its channel silently (issue 16). -inf (instant decay) is allowed.
+    if A.numel() and ((st := _masked_stats(A))[1] > 0 or st[2]):
+        Ad = A.detach()
+        n_pos, n_nan = int((Ad > 0).sum()), int(Ad.isnan().sum())
+        if n_pos or n_nan:
+            raise ValueError("A must be <= 0 and not NaN (a decaying state; parametrise it as -exp(A_log)); "
+                             f"it has {n_pos} positive value(s) and {n_nan} NaN value(s)")
     if check_inputs:
         valid = None if lengths is None else torch.arange(L, device=dev)[None, :] < lengths[:, None]
 

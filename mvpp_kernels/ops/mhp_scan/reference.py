@@ -88,14 +88,20 @@ def mhp_scan_ref(
 
     Shapes: u, delta, z (batch, dim, L); A (dim, N); B, C (dim, N), (batch, N, L) or
     (batch, G, N, L); dt (batch, L); dt_end, lengths (batch,); D, delta_bias (dim,);
-    initial_state (batch, dim, N). Computes in float64 for float64 u, else float32.
+    initial_state (batch, dim, N). Computes in float64 whatever the input dtype (see below).
 
     Returns (y, y_left, integral, last_state): y (batch, dim, L) in u's dtype; y_left
-    (batch, dim, L), integral (batch, dim) and last_state h_n^+ (batch, dim, N) in the compute
-    dtype. last_state is None unless `return_last_state`.
+    (batch, dim, L), integral (batch, dim) and last_state h_n^+ (batch, dim, N) in float64 for
+    float64 u, else float32. last_state is None unless `return_last_state`.
     """
     dtype_in = u.dtype
-    ct = compute_dtype(dtype_in)
+    # The oracle computes in float64 for every input dtype and rounds only its results (issue 16):
+    # in float32, A Δ or Δ dt overflow to inf for finite inputs (inf * 0 = NaN at a tied event,
+    # 0 * inf in the gradient of exp(x) at x = -inf) and the 1/x^2 terms of phi's derivative
+    # underflow, so a float32 oracle was NaN or wrong where the exact answer is finite. float64
+    # holds any product of three float32 values (A Δ dt) without overflow.
+    out_dt = compute_dtype(dtype_in)
+    ct = torch.float64
     batch, dim, L = u.shape
     N = A.shape[1]
     dev = u.device
@@ -146,7 +152,8 @@ def mhp_scan_ref(
     integral = u_.new_zeros(batch, dim)
     if L == 0:
         y = u_.new_zeros(batch, dim, 0).to(dtype_in)
-        return y, u_.new_zeros(batch, dim, 0), integral, (h if return_last_state else None)
+        return (y, u_.new_zeros(batch, dim, 0, dtype=out_dt), integral.to(out_dt),
+                (h.to(out_dt) if return_last_state else None))
 
     # Step and readout of the event before the current gap; the first gap borrows event 1's.
     d_prev = d_s[0]
@@ -183,4 +190,4 @@ def mhp_scan_ref(
     if z is not None:
         y = y * F.silu(masked(z.to(ct), v3))
     y = masked(y, v3).to(dtype_in)
-    return y, y_left, integral, (h if return_last_state else None)
+    return y, y_left.to(out_dt), integral.to(out_dt), (h.to(out_dt) if return_last_state else None)
