@@ -242,3 +242,34 @@ def test_cuda_cluster_lookup_kernel_d0_and_valid_tree():
     b = cluster_lookup(q, coarse, coff.cpu(), fine, foff.cpu(), mkeys, mids.cpu(), 4, (2, 3), backend="reference")
     torch.testing.assert_close(a[0].cpu(), b[0])
     assert torch.equal(a[1].cpu(), b[1])
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+def test_cluster_lookup_kernel_scores_carry_the_reference_gradient(backend):
+    # same class as exact_search with keys.requires_grad (issue 16): the kernel's scores claimed a
+    # gradient (requires_grad=True) and backward gave None for queries and member_keys
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(164)
+    d = 4
+    dt = torch.float32
+    q = torch.randn(3, d, generator=g, dtype=dt)
+    coarse, fine = torch.randn(2, d, generator=g, dtype=dt), torch.randn(3, d, generator=g, dtype=dt)
+    mkeys = torch.randn(6, d, generator=g, dtype=dt)
+    coff, foff = torch.tensor([0, 1, 3]), torch.tensor([0, 2, 4, 6])
+    mids = torch.tensor([50, 7, 31, 2, 19, 44])  # ids are not row numbers
+    ex = torch.tensor([7, -1, -1])
+    grads = {}
+    for b in (backend, "reference"):
+        qq, kk = q.clone().requires_grad_(), mkeys.clone().requires_grad_()
+        s, i = cluster_lookup(qq, coarse, coff, fine, foff, kk, mids, 4, (2, 3), exclude=ex, backend=b)
+        w = torch.arange(1, s.numel() + 1, dtype=dt).view_as(s)
+        (torch.where(i >= 0, s, torch.zeros_like(s)) * w).sum().backward()
+        grads[b] = (s.detach(), i, qq.grad, kk.grad)
+    s, i, gq, gk = grads[backend]
+    rs, ri, rq, rk = grads["reference"]
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(s, rs)
+    assert gq is not None and gk is not None
+    torch.testing.assert_close(gq, rq)
+    torch.testing.assert_close(gk, rk)

@@ -146,8 +146,23 @@ def cluster_lookup(
         if lo < 0 or hi >= KERNEL_ID_LIMIT:
             raise ValueError(f"member_ids must lie in [0, {KERNEL_ID_LIMIT}) for backend {name!r} "
                              f"(ids are packed into 32 bits), got ids in [{lo}, {hi}]; use backend='cpu' or 'reference'")
+    # The kernels have no backward (issue 16: with member_keys.requires_grad the scores claimed a gradient
+    # and backward gave none). Run them on detached inputs and attach the gradient of <q, key of the
+    # returned id>, exactly what the reference's autograd gives; the scores keep the kernel's values.
+    needs_grad = torch.is_grad_enabled() and (args[0].requires_grad or args[5].requires_grad)
+    kargs = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) if needs_grad else args
     if name == "triton":
         from . import triton as _triton
 
-        return _triton.cluster_lookup_triton(*args)
-    return torch.ops.mvpp.cluster_lookup(*args)
+        scores, ids = _triton.cluster_lookup_triton(*kargs)
+    else:
+        scores, ids = torch.ops.mvpp.cluster_lookup(*kargs)
+    if needs_grad:
+        from ..exact_search import _attach_score_grad
+
+        mids = args[6]
+        order = torch.argsort(mids)
+        pos = torch.searchsorted(mids[order], ids.clamp(min=0)).clamp(max=max(mids.numel() - 1, 0))
+        rows = torch.where(ids >= 0, order[pos], torch.full_like(ids, -1))
+        scores = _attach_score_grad(scores, rows, args[5], args[0])
+    return scores, ids
