@@ -127,9 +127,9 @@ def test_triton_mhp_scan_huge_first_gap_and_chunk_edges_match_float64_reference(
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("N", [1, 3])
 def test_mhp_scan_huge_integral_weight_matches_float64_reference(N, backend):
-    """The third huge-gap trigger: an ordinary gap (1e10) under a huge upstream gradient of the
-    integral (1e30), whose dintegral dt^2 phi' overflows in float32 although every gradient is finite;
-    the kernels take the closed forms once |dintegral dt| passes the threshold (1e15)."""
+    """An ordinary gap (1e10) under a huge upstream gradient of the integral (1e30): dintegral C h dt^2
+    phi' overflowed to inf in the Triton backward (dintegral dt^2 first) although every gradient is
+    finite. (The kernels also send a gap with |dintegral dt| >= 1e15 to the closed forms.)"""
     if backend == "triton":
         pytest.importorskip("triton")
     kw = _inputs(N, torch.float32)
@@ -219,6 +219,18 @@ def test_mhp_scan_cpu_float32_matches_float64_in_overflow_corners(corner):
     want = _run(kw, "reference", sp, as_dtype=torch.float64)
     got = _run(kw, "cpu", sp)
     _assert_matches(got, want, f"cpu float32, {corner}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("corner", [c for c in CORNERS if c not in CPU_OPEN])
+def test_mhp_scan_triton_float32_matches_float64_in_overflow_corners(corner):
+    """The Triton kernels in the corners the cpu kernel passes (the same guard; CPU_OPEN is open for
+    both). "A and delta 1e30" is the Triton-only one: ddt took the rate A Δ = -inf times e^x = 0."""
+    pytest.importorskip("triton")
+    kw, sp = _corner(corner)
+    want = _run(kw, "reference", sp, as_dtype=torch.float64)
+    got = _run(kw, "triton", sp)
+    _assert_matches(got, want, f"triton float32, {corner}")
 
 
 # ---------------------------------------------------------------------------------------------

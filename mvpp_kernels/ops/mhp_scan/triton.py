@@ -33,7 +33,7 @@ __all__ = ["mhp_scan_fwd_triton", "mhp_scan_bwd_triton"]
 
 # Elements of one [R, BL, NP] tile a program aims for when packing rows of short sequences. Larger
 # tiles spill on sm_90: at 2048 elements and 4 warps the backward needs ~1 KB of stack per thread;
-# at 1024 elements and 8 warps it fits in 217 registers (forward: 120; 247 / 118 for four packed fp32
+# at 1024 elements and 8 warps it fits in 227 registers (forward: 120; 223 / 118 for four packed fp32
 # rows of 16 x 16), with the huge-gap guard (issue 16).
 _TILE_TARGET = 1024
 # Packing rows only pays for short sequences; long ones have parallelism in the row count already.
@@ -116,14 +116,15 @@ def _dt_phi(x, e, ph, invA, q, dt, huge):
 
 
 @triton.jit
-def _huge_grads(x, e, dph, dtph, invA, A, q, dt, sg, ghe, dIch):
-    # d(loss)/dA_n and the lane's d(loss)/dΔ of a huge gap, from the state part ghe = d(loss)/dh^- e^x h
-    # and the integral part dIch = dintegral C h (the cpu kernel's dA_of_int / dD_of_int): near x = 0
-    # (dt s) φ' and (A dt) dt φ' (A first: exactly 0 for A = 0 and the padded lanes), else
+def _gap_grads(x, e, dph, dtph, invA, A, q, dt, sg, huge, ghe, dIch):
+    # d(loss)/dA_n and the lane's d(loss)/dΔ of a gap (x = A s, s = Δ dt), from the state part
+    # ghe = d(loss)/dh^- e^x h and the integral part dIch = dintegral C h, whose d(dt φ)/dA and
+    # d(dt φ)/dΔ are (dt s) φ' and (A dt) dt φ' (A first: exactly 0 for A = 0 and the padded lanes).
+    # A huge gap with |x| >= 0.5 takes the cpu kernel's closed forms (dA_of_int / dD_of_int):
     # (dt e^x - dt φ) / A and that times A / Δ -- no dt^2 (overflows) and no φ' ~ 1/x^2 (underflows).
-    small = tl.abs(x) < 0.5
-    dAi = tl.where(small, (dt * sg) * dph, invA * (dt * e - dtph))
-    dDi = tl.where(small, (A * dt) * dt * dph, dAi * q * A)
+    closed = huge & (tl.abs(x) >= 0.5)
+    dAi = tl.where(closed, invA * (dt * e - dtph), (dt * sg) * dph)
+    dDi = tl.where(closed, dAi * q * A, (A * dt) * dt * dph)
     return ghe * sg + dIch * dAi, ghe * dt * A + dIch * dDi
 
 
@@ -426,8 +427,7 @@ def _mhp_scan_bwd_kernel(
         dyl3 = dyl_n[:, :, None]
         dtn3 = dtn[:, :, None]
 
-        # ---- the gap after event k (decay rate s = A Δ_k over dtn) ----
-        s = A3 * dl[:, :, None]
+        # ---- the gap after event k (decay rate A Δ_k over dtn) ----
         sg = _gap_step(dl, dtn, MAXV)
         sg3 = sg[:, :, None]
         xn = A3 * sg3
@@ -435,7 +435,7 @@ def _mhp_scan_bwd_kernel(
         ph = _phi(xn, TERMS)
         dph = _dphi(xn, ph, TERMS)
         # A huge gap (step, length or integral weight dintegral dt past HUGE, issue 16) takes the closed
-        # forms of _dt_phi / _huge_grads; every other gap the direct products (all factors bounded).
+        # forms of _dt_phi / _gap_grads; every other gap the direct products (all factors bounded).
         huge3 = ((sg >= HUGE) | (dtn >= HUGE) | ~(tl.abs(dI2 * dtn) < HUGE))[:, :, None]
         qinv3 = _inv_step(dl, dtn, sg, TINY)[:, :, None]
         dtph = _dt_phi(xn, en, ph, invA3, qinv3, dtn3, huge3)  # dt φ(x)
@@ -449,14 +449,14 @@ def _mhp_scan_bwd_kernel(
         Gn = tl.where(tloc3 == BL - 1, G[:, None, :], Gn)  # dL/dh_{k+1}^+
         P = tl.where(hn3, Gn + dyl3 * Cv, 0.0)  # dL/dh_{k+1}^-
         hen = hc * en
-        # d(loss)/dA_n and the lane's d(loss)/dΔ_k of the gap: through ds = d(loss)/d(A Δ_k) for an
-        # ordinary gap, from the closed forms for a huge one. The padded lanes are selected out of the
-        # lane sum (at a huge gap their products need not be finite).
-        ds = P * hen * dtn3 + dI3 * Cv * hc * dtn3 * dtn3 * dph
-        dA_h, dD_h = _huge_grads(xn, en, dph, dtph, invA3, A3, qinv3, dtn3, sg3, P * hen, dI3 * Cv * hc)
-        dAl = tl.where(v3, tl.where(huge3, dA_h, ds * dl[:, :, None]), 0.0)
-        dDl = tl.where(v3 & nok3, tl.where(huge3, dD_h, ds * A3), 0.0)
-        ddtn = tl.sum(tl.where(v3, P * hen * s + dI3 * Cv * hen, 0.0), axis=2)  # [R, BL]
+        # d(loss)/dA_n and the lane's d(loss)/dΔ_k of the gap (closed forms at a huge one). The padded
+        # lanes are selected out of the lane sum (at a huge gap their products need not be finite).
+        dA_g, dD_g = _gap_grads(xn, en, dph, dtph, invA3, A3, qinv3, dtn3, sg3, huge3, P * hen, dI3 * Cv * hc)
+        dAl = tl.where(v3, dA_g, 0.0)
+        dDl = tl.where(v3 & nok3, dD_g, 0.0)
+        # d/d dt of the gap: the rate A Δ_k is applied as (P h e^x A) Δ_k, never as a precomputed A Δ_k,
+        # which overflows to -inf for finite A and Δ (1e30 each) and meets e^x = 0 (0 * inf, issue 16).
+        ddtn = tl.sum(tl.where(v3, P * hen * A3 * dl[:, :, None] + dI3 * Cv * hen, 0.0), axis=2)  # [R, BL]
         dCv = tl.where(v3, gy[:, :, None] * hc + tl.where(hn3, dyl3 * hen, 0.0) + dI3 * hc * dtph, 0.0)
 
         # ---- the first gap (0, t_1], from h0 with event 1's Δ and C (only the tile holding event 1) ----
@@ -466,7 +466,6 @@ def _mhp_scan_bwd_kernel(
         dt0 = tl.sum(tl.where(first, dtk, 0.0), axis=1)[:, None]
         dyl0 = tl.sum(dyl_0, axis=1)[:, None]
         A2 = tl.sum(A3, axis=1)
-        s0 = A2 * d0  # [R, NP]
         sg0 = _gap_step(d0, dt0, MAXV)
         x0 = A2 * sg0
         e0 = tl.exp(x0)
@@ -478,11 +477,9 @@ def _mhp_scan_bwd_kernel(
         dtph0 = _dt_phi(x0, e0, ph0, invA2, qinv0, dt0, huge0)
         P0 = G0 + dyl0 * C0
         dh0_c = P0 * e0 + dI2 * C0 * dtph0
-        ds0 = P0 * h0 * e0 * dt0 + dI2 * C0 * h0 * dt0 * dt0 * dph0
-        dA0_h, dD0_h = _huge_grads(x0, e0, dph0, dtph0, invA2, A2, qinv0, dt0, sg0, P0 * h0 * e0, dI2 * C0 * h0)
-        dA0 = tl.where(huge0, dA0_h, ds0 * d0)
-        dD0 = tl.where(n_ok[None, :], tl.where(huge0, dD0_h, ds0 * A2), 0.0)
-        ddt0 = tl.sum(P0 * h0 * e0 * s0 + dI2 * C0 * h0 * e0, axis=1)  # [R]
+        dA0, dD0 = _gap_grads(x0, e0, dph0, dtph0, invA2, A2, qinv0, dt0, sg0, huge0, P0 * h0 * e0, dI2 * C0 * h0)
+        dD0 = tl.where(n_ok[None, :], dD0, 0.0)
+        ddt0 = tl.sum(P0 * h0 * e0 * A2 * d0 + dI2 * C0 * h0 * e0, axis=1)  # [R]
         dC0 = dyl0 * e0 * h0 + dI2 * h0 * dtph0
         has_first = tl.sum(first.to(tl.int32), axis=1) > 0  # [R]
         dh0 = tl.where(has_first[:, None], dh0_c, dh0)
