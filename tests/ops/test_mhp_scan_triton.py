@@ -266,6 +266,7 @@ def test_gpu_shapes_match_reference(L):
 # ---------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
 import os, time
+import torch
 os.environ.pop("TRITON_INTERPRET", None)
 import triton
 import triton.language as tl
@@ -295,7 +296,7 @@ for io, full, L, N, rows in (("*bf16", True, 2048, 16, 4096), ("*fp32", False, 1
     R, BL, NP, nw = K._geometry(rows, L, N, 64)
     flags = {f: full for f in ("HAS_D", "HAS_Z", "HAS_DB", "HAS_DTEND", "HAS_LEN", "HAS_H0", "SOFTPLUS",
                                 "B_VAR", "C_VAR")}
-    common = dict(flags, R=R, BL=BL, NP=NP, TERMS=9, CT=tl.float32)
+    common = dict(flags, R=R, BL=BL, NP=NP, TERMS=9, CT=tl.float32, **K._limits(torch.float32))
     bwd = dict(common, HAS_DYL=full, HAS_DINT=full, HAS_DLAST=full)
     for kern, consts in ((K._mhp_scan_fwd_kernel, common), (K._mhp_scan_bwd_kernel, bwd)):
         t0 = time.time()

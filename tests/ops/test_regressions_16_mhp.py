@@ -69,18 +69,83 @@ def test_cpu_mhp_scan_huge_gaps_match_float64_reference(N, gap, dtype):
 
 
 @pytest.mark.triton
-@pytest.mark.xfail(strict=True, reason="issue 16, open: the Triton mhp_scan kernel forms A * (Δ dt) and "
-                   "phi(x) * dt, so Δ dt overflowing float32 gives NaN (padding lanes, forward) and a 1e30 gap "
-                   "already gives NaN ddelta / dA (backward); the cpu kernel's closed forms are not ported yet")
-@pytest.mark.parametrize("gap", [1e30, F32_MAX])
-def test_triton_mhp_scan_huge_gaps_match_float64_reference(gap):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("gap", [1e30, 1e38, F32_MAX])
+@pytest.mark.parametrize("N", [1, 3, 5, 9, 17])
+def test_triton_mhp_scan_huge_gaps_match_float64_reference(N, gap, dtype):
+    """The Triton kernels under the same overflow as the cpu test above (issue 16): a capped step
+    (NaN from A * inf in the padded lanes: y, y_left, integral at a float32-max gap) and the closed
+    forms for huge gaps (NaN ddelta / dA from dt^2 * phi' = inf * 0 from a 1e30 gap on). Huge gaps
+    before event 3 of sequence 0, before the last event of sequence 1 and after sequence 0's last."""
     pytest.importorskip("triton")
-    kw = _inputs(3, torch.float32)
+    kw = _inputs(N, dtype)
     kw["dt"][0, 2] = gap
+    kw["dt"][1, 4] = gap
     kw["dt_end"][0] = gap
     want = _run({n: v.double() for n, v in kw.items()}, "reference")
     got = _run(kw, "triton")
-    _assert_matches(got, want, f"triton N=3 gap={gap:g}")
+    _assert_matches(got, want, f"triton N={N} gap={gap:g}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gap", [1e30, F32_MAX])
+@pytest.mark.parametrize("N", [1, 3, 17])
+def test_triton_mhp_scan_huge_first_gap_and_chunk_edges_match_float64_reference(N, gap, dtype, monkeypatch):
+    """The guard on the Triton kernels' other gap paths: the first gap (0, t_1] from an initial
+    state (its own closed forms in both kernels), huge gaps on both sides of a chunk boundary
+    (chunk_size 2), softplus with a delta_bias, and a shorter sequence (lengths)."""
+    pytest.importorskip("triton")
+    from mvpp_kernels.ops import mhp_scan as mod
+
+    monkeypatch.setitem(mod.CHUNK_SIZE, "triton", 2)
+    kw = _inputs(N, dtype, L=6)
+    g = torch.Generator().manual_seed(161)
+    kw["delta_bias"] = torch.rand(3, generator=g) - 0.5
+    kw["initial_state"] = torch.rand(2, 3, N, generator=g)
+    kw["dt"][:, 0] = gap  # the first gap
+    kw["dt"][0, 2] = gap  # the gap before a chunk's first event
+    kw["dt"][1, 3] = gap  # the gap before a chunk's last event
+    kw["dt_end"][1] = gap  # after the last event of the shorter sequence
+    lengths = torch.tensor([6, 4])
+
+    def run(kw, backend):
+        t = {n: v.detach().clone().requires_grad_(True) for n, v in kw.items()}
+        o = mhp_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["dt"], dt_end=t["dt_end"],
+                     delta_bias=t["delta_bias"], delta_softplus=True, lengths=lengths,
+                     initial_state=t["initial_state"], return_last_state=True, backend=backend)
+        outs = dict(y=o.y, y_left=o.y_left, integral=o.integral, last_state=o.last_state)
+        sum((x.double() * (i + 1)).sum() for i, x in enumerate(outs.values())).backward()
+        outs.update({"d" + n: v.grad for n, v in t.items()})
+        return outs
+
+    want = run({n: v.double() for n, v in kw.items()}, "reference")
+    got = run(kw, "triton")
+    _assert_matches(got, want, f"triton first gap N={N} gap={gap:g}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("N", [1, 3])
+def test_mhp_scan_huge_integral_weight_matches_float64_reference(N, backend):
+    """An ordinary gap (1e10) under a huge upstream gradient of the integral (1e30): dintegral C h dt^2
+    phi' overflowed to inf in the Triton backward (dintegral dt^2 first) although every gradient is
+    finite. (The kernels also send a gap with |dintegral dt| >= 1e15 to the closed forms.)"""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    kw = _inputs(N, torch.float32)
+    kw["dt"][0, 2] = 1e10
+    kw["dt_end"][0] = 1e10
+
+    def run(kw, backend):
+        t = {n: v.detach().clone().requires_grad_(True) for n, v in kw.items()}
+        o = mhp_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["dt"], dt_end=t["dt_end"], backend=backend)
+        (o.y.double().sum() + 1e30 * o.integral.double().sum()).backward()
+        outs = dict(y=o.y, integral=o.integral)
+        outs.update({"d" + n: v.grad for n, v in t.items()})
+        return outs
+
+    want = run({n: v.double() for n, v in kw.items()}, "reference")
+    _assert_matches(run(kw, backend), want, f"{backend} N={N} dintegral 1e30")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +219,18 @@ def test_mhp_scan_cpu_float32_matches_float64_in_overflow_corners(corner):
     want = _run(kw, "reference", sp, as_dtype=torch.float64)
     got = _run(kw, "cpu", sp)
     _assert_matches(got, want, f"cpu float32, {corner}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("corner", [c for c in CORNERS if c not in CPU_OPEN])
+def test_mhp_scan_triton_float32_matches_float64_in_overflow_corners(corner):
+    """The Triton kernels in the corners the cpu kernel passes (the same guard; CPU_OPEN is open for
+    both). "A and delta 1e30" is the Triton-only one: ddt took the rate A Δ = -inf times e^x = 0."""
+    pytest.importorskip("triton")
+    kw, sp = _corner(corner)
+    want = _run(kw, "reference", sp, as_dtype=torch.float64)
+    got = _run(kw, "triton", sp)
+    _assert_matches(got, want, f"triton float32, {corner}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ __all__ = ["mhp_scan_fwd_triton", "mhp_scan_bwd_triton"]
 
 # Elements of one [R, BL, NP] tile a program aims for when packing rows of short sequences. Larger
 # tiles spill on sm_90: at 2048 elements and 4 warps the backward needs ~1 KB of stack per thread;
-# at 1024 elements and 8 warps it fits in 229 registers (forward: 80).
+# at 1024 elements and 8 warps it fits in 227 registers (forward: 120; 223 / 118 for four packed fp32
+# rows of 16 x 16), with the huge-gap guard (issue 16).
 _TILE_TARGET = 1024
 # Packing rows only pays for short sequences; long ones have parallelism in the row count already.
 _PACK_MAX_L = 256
@@ -89,6 +90,45 @@ def _softplus(x):
 
 
 @triton.jit
+def _gap_step(dp, dt, MAXV: tl.constexpr):
+    # The step s = Δ dt of a gap, saturated at the largest finite value of the compute type (issue 16):
+    # Δ dt overflows for finite inputs (a float32-max gap with Δ > 1), and A * inf would be NaN in the
+    # zero-padded lanes N..NP and for A = 0. With s finite, x = A s is 0 there and -inf or finite
+    # elsewhere. NaN stays NaN (propagate_nan).
+    return tl.minimum(dp * dt, MAXV, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _inv_step(dp, dt, sg, TINY: tl.constexpr):
+    # q = 1/Δ for the huge-gap closed forms: 1/Δ for a normal Δ, else dt/s (s = Δ dt cannot overflow
+    # then, so it is not saturated); 0 for s = 0 (every x is then 0 and takes the series).
+    normal = tl.abs(dp) >= TINY
+    s_ok = sg != 0.0
+    return tl.where(normal, 1.0 / tl.where(normal, dp, 1.0), tl.where(s_ok, dt / tl.where(s_ok, sg, 1.0), 0.0))
+
+
+@triton.jit
+def _dt_phi(x, e, ph, invA, q, dt, huge):
+    # dt φ(x) = ∫_0^dt e^{A Δ r} dr. Ordinary gaps: φ(x) dt. Huge gaps with |x| >= 0.5: the closed form
+    # (e^x - 1) / (A Δ) = (e - 1) invA q, which needs neither 1/x nor the (saturated) step: φ(-inf) dt
+    # would be 0 * dt and lose the integral 1 / (|A| Δ) of a gap past Δ dt = float max.
+    return tl.where(huge & (tl.abs(x) >= 0.5), (e - 1.0) * invA * q, ph * dt)
+
+
+@triton.jit
+def _gap_grads(x, e, dph, dtph, invA, A, q, dt, sg, huge, ghe, dIch):
+    # d(loss)/dA_n and the lane's d(loss)/dΔ of a gap (x = A s, s = Δ dt), from the state part
+    # ghe = d(loss)/dh^- e^x h and the integral part dIch = dintegral C h, whose d(dt φ)/dA and
+    # d(dt φ)/dΔ are (dt s) φ' and (A dt) dt φ' (A first: exactly 0 for A = 0 and the padded lanes).
+    # A huge gap with |x| >= 0.5 takes the cpu kernel's closed forms (dA_of_int / dD_of_int):
+    # (dt e^x - dt φ) / A and that times A / Δ -- no dt^2 (overflows) and no φ' ~ 1/x^2 (underflows).
+    closed = huge & (tl.abs(x) >= 0.5)
+    dAi = tl.where(closed, invA * (dt * e - dtph), (dt * sg) * dph)
+    dDi = tl.where(closed, dAi * q * A, (A * dt) * dt * dph)
+    return ghe * sg + dIch * dAi, ghe * dt * A + dIch * dDi
+
+
+@triton.jit
 def _step(delta_ptr, db, off, mask, SOFTPLUS: tl.constexpr, CT: tl.constexpr):
     """Δ at `off` (delta + bias, softplus'ed); 0 where masked. Also returns softplus' (sigmoid)."""
     x = tl.load(delta_ptr + off, mask=mask, other=0.0).to(CT) + db
@@ -114,6 +154,7 @@ def _mhp_scan_fwd_kernel(
     HAS_LEN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     R: tl.constexpr, BL: tl.constexpr, NP: tl.constexpr, TERMS: tl.constexpr, CT: tl.constexpr,
+    MAXV: tl.constexpr, TINY: tl.constexpr, HUGE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * R + tl.arange(0, R)  # [R]
@@ -136,6 +177,7 @@ def _mhp_scan_fwd_kernel(
     lens = tl.where(row_ok, lens, 0)
     len2 = lens[:, None]
     A3 = tl.load(A_ptr + d[:, None, None] * N + n3, mask=row_ok[:, None, None] & nok3, other=0.0).to(CT)
+    invA3 = tl.where(A3 != 0.0, 1.0 / tl.where(A3 != 0.0, A3, 1.0), 0.0)  # 0 for A = 0 (x = 0: the series)
     if HAS_DB:
         db2 = tl.load(db_ptr + d, mask=row_ok, other=0.0).to(CT)[:, None]
     else:
@@ -164,10 +206,14 @@ def _mhp_scan_fwd_kernel(
         else:
             C0 = tl.sum(Cc3, axis=1)
         A2 = tl.sum(A3, axis=1)
-        x0 = A2 * d0 * dt0
+        sg0 = _gap_step(d0, dt0, MAXV)  # [R, 1]
+        x0 = A2 * sg0
+        e0 = tl.exp(x0)
+        huge0 = (sg0 >= HUGE) | (dt0 >= HUGE)
+        dtph0 = _dt_phi(x0, e0, _phi(x0, TERMS), tl.sum(invA3, axis=1), _inv_step(d0, dt0, sg0, TINY), dt0, huge0)
         ch0 = C0 * h
-        yl0 = tl.sum(ch0 * tl.exp(x0), axis=1)
-        acc_int = tl.where(has_ev, tl.sum(ch0 * _phi(x0, TERMS), axis=1) * tl.sum(dt0, axis=1), 0.0)
+        yl0 = tl.sum(ch0 * e0, axis=1)
+        acc_int = tl.where(has_ev, tl.sum(ch0 * dtph0, axis=1), 0.0)
     else:
         h = tl.zeros([R, NP], dtype=CT)
         yl0 = tl.zeros([R], dtype=CT)
@@ -200,7 +246,7 @@ def _mhp_scan_fwd_kernel(
         else:
             Cv = Cc3
 
-        e = tl.where(v3, tl.exp(A3 * (dlp * dtk)[:, :, None]), 1.0)
+        e = tl.where(v3, tl.exp(A3 * _gap_step(dlp, dtk, MAXV)[:, :, None]), 1.0)
         bj = tl.where(v3 & nok3, (dl * u)[:, :, None] * Bv, 0.0)
         acum, hs = tl.associative_scan((e, bj), 1, _combine)
         hc = hs + acum * h[:, None, :]  # [R, BL, NP]: h_k^+ (the carried state past the last event)
@@ -216,11 +262,17 @@ def _mhp_scan_fwd_kernel(
         tl.store(y_ptr + io, tl.where(valid, y, 0.0), mask=in_L)
 
         # The gap after event k: its left-limit readout belongs to event k+1, its integral to the sum.
-        xn = A3 * (dl * dtn)[:, :, None]
-        yl_next = tl.sum(ch * tl.exp(xn), axis=2)
+        sg = _gap_step(dl, dtn, MAXV)
+        xn = A3 * sg[:, :, None]
+        en = tl.exp(xn)
+        yl_next = tl.sum(ch * en, axis=2)
         tl.store(yl_ptr + io + 1, yl_next, mask=has_next)
         tl.store(yl_ptr + io, tl.zeros_like(yl_next), mask=in_L & (t2 >= len2))
-        gap = tl.sum(ch * _phi(xn, TERMS), axis=2) * dtn
+        # A huge gap (step or length past HUGE) integrates with the closed form (see _dt_phi).
+        huge3 = ((sg >= HUGE) | (dtn >= HUGE))[:, :, None]
+        dtph = _dt_phi(xn, en, _phi(xn, TERMS), invA3, _inv_step(dl, dtn, sg, TINY)[:, :, None], dtn[:, :, None],
+                       huge3)
+        gap = tl.sum(ch * dtph, axis=2)
         acc_int += tl.sum(tl.where(valid, gap, 0.0), axis=1)
 
         h = tl.sum(tl.where(tloc3 == BL - 1, hc, 0.0), axis=1)  # [R, NP]
@@ -244,6 +296,7 @@ def _mhp_scan_bwd_kernel(
     HAS_LEN: tl.constexpr, HAS_H0: tl.constexpr, SOFTPLUS: tl.constexpr,
     B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     R: tl.constexpr, BL: tl.constexpr, NP: tl.constexpr, TERMS: tl.constexpr, CT: tl.constexpr,
+    MAXV: tl.constexpr, TINY: tl.constexpr, HUGE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * R + tl.arange(0, R)
@@ -268,6 +321,7 @@ def _mhp_scan_bwd_kernel(
     len2 = lens[:, None]
     has_ev = lens >= 1
     A3 = tl.load(A_ptr + d[:, None, None] * N + n3, mask=rok3 & nok3, other=0.0).to(CT)
+    invA3 = tl.where(A3 != 0.0, 1.0 / tl.where(A3 != 0.0, A3, 1.0), 0.0)
     if HAS_DB:
         db2 = tl.load(db_ptr + d, mask=row_ok, other=0.0).to(CT)[:, None]
     else:
@@ -346,7 +400,7 @@ def _mhp_scan_bwd_kernel(
             Cv = tl.load(C_ptr + C_base[:, None, None] + n3 * L + t2[:, :, None], mask=v3 & nok3, other=0.0).to(CT)
         else:
             Cv = Cc3
-        e = tl.where(v3, tl.exp(A3 * (dlp * dtk)[:, :, None]), 1.0)
+        e = tl.where(v3, tl.exp(A3 * _gap_step(dlp, dtk, MAXV)[:, :, None]), 1.0)
         du_b = dl * u
         bj = tl.where(v3 & nok3, du_b[:, :, None] * Bv, 0.0)
         acum, hs = tl.associative_scan((e, bj), 1, _combine)
@@ -373,14 +427,20 @@ def _mhp_scan_bwd_kernel(
         dyl3 = dyl_n[:, :, None]
         dtn3 = dtn[:, :, None]
 
-        # ---- the gap after event k (decay rate s = A Δ_k over dtn) ----
-        s = A3 * dl[:, :, None]
-        xn = s * dtn3
+        # ---- the gap after event k (decay rate A Δ_k over dtn) ----
+        sg = _gap_step(dl, dtn, MAXV)
+        sg3 = sg[:, :, None]
+        xn = A3 * sg3
         en = tl.exp(xn)
         ph = _phi(xn, TERMS)
         dph = _dphi(xn, ph, TERMS)
+        # A huge gap (step, length or integral weight dintegral dt past HUGE, issue 16) takes the closed
+        # forms of _dt_phi / _gap_grads; every other gap the direct products (all factors bounded).
+        huge3 = ((sg >= HUGE) | (dtn >= HUGE) | ~(tl.abs(dI2 * dtn) < HUGE))[:, :, None]
+        qinv3 = _inv_step(dl, dtn, sg, TINY)[:, :, None]
+        dtph = _dt_phi(xn, en, ph, invA3, qinv3, dtn3, huge3)  # dt φ(x)
         # Direct gradient on h_k^+ (y_k, y_left_{k+1}, the gap's integral), then the adjoint recurrence.
-        q = Cv * (gy[:, :, None] + tl.where(hn3, dyl3 * en, 0.0) + dI3 * dtn3 * ph)
+        q = Cv * (gy[:, :, None] + tl.where(hn3, dyl3 * en, 0.0) + dI3 * dtph)
         q = tl.where(v3 & nok3, q, 0.0)
         a = tl.where(hn3, en, 1.0)
         arev, Gs = tl.associative_scan((a, q), 1, _combine, reverse=True)
@@ -389,9 +449,15 @@ def _mhp_scan_bwd_kernel(
         Gn = tl.where(tloc3 == BL - 1, G[:, None, :], Gn)  # dL/dh_{k+1}^+
         P = tl.where(hn3, Gn + dyl3 * Cv, 0.0)  # dL/dh_{k+1}^-
         hen = hc * en
-        ds = tl.where(v3, P * hen * dtn3 + dI3 * Cv * hc * dtn3 * dtn3 * dph, 0.0)
-        ddtn = tl.sum(tl.where(v3, P * hen * s + dI3 * Cv * hen, 0.0), axis=2)  # [R, BL]
-        dCv = tl.where(v3, gy[:, :, None] * hc + tl.where(hn3, dyl3 * hen, 0.0) + dI3 * hc * dtn3 * ph, 0.0)
+        # d(loss)/dA_n and the lane's d(loss)/dΔ_k of the gap (closed forms at a huge one). The padded
+        # lanes are selected out of the lane sum (at a huge gap their products need not be finite).
+        dA_g, dD_g = _gap_grads(xn, en, dph, dtph, invA3, A3, qinv3, dtn3, sg3, huge3, P * hen, dI3 * Cv * hc)
+        dAl = tl.where(v3, dA_g, 0.0)
+        dDl = tl.where(v3 & nok3, dD_g, 0.0)
+        # d/d dt of the gap: the rate A Δ_k is applied as (P h e^x A) Δ_k, never as a precomputed A Δ_k,
+        # which overflows to -inf for finite A and Δ (1e30 each) and meets e^x = 0 (0 * inf, issue 16).
+        ddtn = tl.sum(tl.where(v3, P * hen * A3 * dl[:, :, None] + dI3 * Cv * hen, 0.0), axis=2)  # [R, BL]
+        dCv = tl.where(v3, gy[:, :, None] * hc + tl.where(hn3, dyl3 * hen, 0.0) + dI3 * hc * dtph, 0.0)
 
         # ---- the first gap (0, t_1], from h0 with event 1's Δ and C (only the tile holding event 1) ----
         G0 = tl.sum(tl.where(f3, Gk, 0.0), axis=1)  # [R, NP]
@@ -399,28 +465,36 @@ def _mhp_scan_bwd_kernel(
         d0 = tl.sum(tl.where(first, dl, 0.0), axis=1)[:, None]  # [R, 1]
         dt0 = tl.sum(tl.where(first, dtk, 0.0), axis=1)[:, None]
         dyl0 = tl.sum(dyl_0, axis=1)[:, None]
-        s0 = tl.sum(A3, axis=1) * d0  # [R, NP]
-        x0 = s0 * dt0
+        A2 = tl.sum(A3, axis=1)
+        sg0 = _gap_step(d0, dt0, MAXV)
+        x0 = A2 * sg0
         e0 = tl.exp(x0)
         ph0 = _phi(x0, TERMS)
+        dph0 = _dphi(x0, ph0, TERMS)
+        huge0 = (sg0 >= HUGE) | (dt0 >= HUGE) | ~(tl.abs(dI2 * dt0) < HUGE)  # [R, 1]
+        invA2 = tl.sum(invA3, axis=1)
+        qinv0 = _inv_step(d0, dt0, sg0, TINY)
+        dtph0 = _dt_phi(x0, e0, ph0, invA2, qinv0, dt0, huge0)
         P0 = G0 + dyl0 * C0
-        dh0_c = P0 * e0 + dI2 * C0 * dt0 * ph0
-        ds0 = P0 * h0 * e0 * dt0 + dI2 * C0 * h0 * dt0 * dt0 * _dphi(x0, ph0, TERMS)
-        ddt0 = tl.sum(P0 * h0 * e0 * s0 + dI2 * C0 * h0 * e0, axis=1)  # [R]
-        dC0 = dyl0 * e0 * h0 + dI2 * h0 * dt0 * ph0
+        dh0_c = P0 * e0 + dI2 * C0 * dtph0
+        dA0, dD0 = _gap_grads(x0, e0, dph0, dtph0, invA2, A2, qinv0, dt0, sg0, huge0, P0 * h0 * e0, dI2 * C0 * h0)
+        dD0 = tl.where(n_ok[None, :], dD0, 0.0)
+        ddt0 = tl.sum(P0 * h0 * e0 * A2 * d0 + dI2 * C0 * h0 * e0, axis=1)  # [R]
+        dC0 = dyl0 * e0 * h0 + dI2 * h0 * dtph0
         has_first = tl.sum(first.to(tl.int32), axis=1) > 0  # [R]
         dh0 = tl.where(has_first[:, None], dh0_c, dh0)
-        ds += tl.where(f3, ds0[:, None, :], 0.0)
+        dAl += tl.where(f3, dA0[:, None, :], 0.0)
+        dDl += tl.where(f3, dD0[:, None, :], 0.0)
         dCv += tl.where(f3, dC0[:, None, :], 0.0)
 
         # ---- parameter gradients ----
         GB = tl.sum(Gk * Bv, axis=2)
         du = GB * dl + gy * D2
-        dDelta = GB * u + tl.sum(ds * A3, axis=2)
+        dDelta = GB * u + tl.sum(dDl, axis=2)
         ddelta = tl.where(valid, dDelta * dsp, 0.0)
         tl.store(du_ptr + io, tl.where(valid, du, 0.0), mask=in_L)
         tl.store(ddelta_ptr + io, ddelta, mask=in_L)
-        dA_acc += tl.sum(ds * dl[:, :, None], axis=1)
+        dA_acc += tl.sum(dAl, axis=1)
         dD_acc += tl.sum(gy * u, axis=1)
         ddb_acc += tl.sum(ddelta, axis=1)
         dBv = tl.where(v3, Gk * du_b[:, :, None], 0.0)
@@ -491,6 +565,15 @@ def _terms(ct: torch.dtype) -> int:
     return 17 if ct == torch.float64 else 9
 
 
+def _limits(ct: torch.dtype) -> dict:
+    """The overflow guard's constants for a compute type (issue 16; the cpu kernel's gap_step and
+    PhiConst::kHuge): MAXV saturates the step Δ dt, TINY is the smallest normal Δ taken as 1/Δ, and a
+    gap with a step, length or integral weight past HUGE takes the closed forms -- far below where dt^2
+    or 1/x^2 leave the type's range, far above any time scale a model uses."""
+    fi = torch.finfo(ct)
+    return dict(MAXV=fi.max, TINY=fi.tiny, HUGE=1e150 if ct == torch.float64 else 1e15)
+
+
 def _tl_dtype(ct: torch.dtype):
     return tl.float64 if ct == torch.float64 else tl.float32
 
@@ -552,7 +635,7 @@ def mhp_scan_fwd_triton(
         n_rows, dim, L, N, dpg_B, dpg_C, G_B, G_C, n_chunks,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DB=delta_bias is not None, HAS_DTEND=dt_end is not None,
         HAS_LEN=lengths is not None, HAS_H0=initial_state is not None, SOFTPLUS=bool(delta_softplus),
-        B_VAR=B_var, C_VAR=C_var, R=R, BL=BL, NP=NP, TERMS=_terms(sd), CT=_tl_dtype(sd),
+        B_VAR=B_var, C_VAR=C_var, R=R, BL=BL, NP=NP, TERMS=_terms(sd), CT=_tl_dtype(sd), **_limits(sd),
         num_warps=num_warps,
     )
     return y, y_left, integral, last_state, chunk_states
@@ -631,7 +714,7 @@ def mhp_scan_bwd_triton(
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DB=delta_bias is not None,
             HAS_DTEND=dt_end is not None, HAS_LEN=lengths is not None, HAS_H0=initial_state is not None,
             SOFTPLUS=bool(delta_softplus), B_VAR=B_var, C_VAR=C_var,
-            R=R, BL=BL, NP=NP, TERMS=_terms(sd), CT=_tl_dtype(sd),
+            R=R, BL=BL, NP=NP, TERMS=_terms(sd), CT=_tl_dtype(sd), **_limits(sd),
             num_warps=num_warps,
         )
     dB = dB_k.view(batch, G_B, dpg_B, N, L).sum(2) if B_var else dB_k
