@@ -32,17 +32,25 @@ MVPP_INLINE T fmadd(T a, T b, T c) {
 
 // exp for float, branch-free so `#pragma omp simd` loops over the state vectorise (glibc's expf is
 // scalar). Cody-Waite reduction x = n ln2 + r, a degree-7 polynomial for e^r (Cephes' coefficients),
-// 2^n built from the exponent bits. Max error about 2 ulp on the clamped range; inputs below -87
-// give ~e^-87 (≈ 1.6e-38) instead of an underflow to 0, which is harmless for a decay factor.
+// 2^n built from the exponent bits. Max error about 2 ulp down to log(FLT_MIN) ≈ -87.34.
+// Underflow (issue 16): x is clamped below at kExpLow = -88, where x log2(e) rounds to n = -127, so
+// the exponent bits are 0 and the scale 2^n is exactly +0: every x <= -87.68 (and -inf) gives
+// exactly 0, x in (-87.68, -87.34) a subnormal p * 2^-126 (both within FLT_MIN of e^x). The clamp
+// used to sit at -87, so every x below it gave e^-87 ≈ 1.6e-38 instead of 0; times a huge |A| in a
+// gradient (selective_scan's dΔ = Σ g e^{ΔA} h A with A = -3e38) that floor became an O(1) error.
+// The clamp's value is the whole fix: no extra compare in the hot loops.
 // kNonPos: the caller knows x <= 0 (a decay: A <= 0 and a non-negative step, checked by the caller),
 // so only the lower clamp is applied: GCC compiles the two-sided clamp to a seven-instruction
 // compare/mask sequence and one side to two (mhp_scan's hot loops use it). NaN propagates either way.
+constexpr float kExpLow = -88.0f;
+static_assert(kExpLow * 1.44269504088896341f < -126.5f && kExpLow * 1.44269504088896341f > -127.5f,
+              "exp_approx's lower clamp must round to n = -127 (a zero scale)");
 template <bool kNonPos = false>
 MVPP_INLINE float exp_approx(float x) {
   if constexpr (kNonPos) {
-    x = std::max(x, -87.0f);
+    x = std::max(x, kExpLow);
   } else {
-    x = std::min(std::max(x, -87.0f), 88.0f);
+    x = std::min(std::max(x, kExpLow), 88.0f);
   }
   // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer without a rounding instruction.
   const float magic = 12582912.0f;

@@ -1,0 +1,117 @@
+"""Regression tests for issue 16 follow-ups: the cpu selective_scan against float64 in overflow corners.
+
+The shared fast exp (csrc/include/mvpp/scan_cpu_common.h) floored at e^-87 ~ 1.6e-38 instead of
+underflowing to 0. A decay exp(Δ A) with |A| near float32's max is 0 in float64, but the floor times
+A in the backward's dΔ = Σ_n g_n e^{Δ A_n} h_n A_n gave an O(1) term: ddelta (and ddelta_bias) off by
+0.65-2.2x relative, up to 1e3x where the true gradient is small.
+
+Every corner: the cpu backend on float32 / bfloat16 inputs against backend="reference" on float64
+copies of the same inputs, forward outputs and every gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mvpp_kernels import selective_scan
+from mvpp_kernels.testing import assert_close
+
+F32_MAX = torch.finfo(torch.float32).max
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def _inputs(N, dtype, seed=16, batch=2, dim=3, L=7):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        u=torch.randn(batch, dim, L, generator=g).to(dtype),
+        delta=(torch.rand(batch, dim, L, generator=g) + 0.5).to(dtype),
+        A=-(torch.rand(dim, N, generator=g) + 0.5),
+        B=torch.randn(batch, N, L, generator=g).to(dtype),
+        C=torch.randn(batch, N, L, generator=g).to(dtype),
+        D=torch.randn(dim, generator=g),
+        z=torch.randn(batch, dim, L, generator=g).to(dtype),
+        delta_bias=torch.rand(dim, generator=g) * 0.1,
+        initial_state=torch.randn(batch, dim, N, generator=g),
+    )
+
+
+def _run(kw, backend, delta_softplus, as_dtype=None):
+    """Outputs and the gradients of a fixed weighted sum of them; `as_dtype` converts the inputs first."""
+    t = {n: (v.to(as_dtype) if as_dtype is not None else v).detach().clone().requires_grad_(True)
+         for n, v in kw.items()}
+    out, last = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"],
+                               delta_bias=t["delta_bias"], delta_softplus=delta_softplus, return_last_state=True,
+                               initial_state=t["initial_state"], backend=backend)
+    outs = dict(out=out, last_state=last)
+    loss = out.double().sum() + 2 * last.double().sum()
+    loss.backward()
+    outs.update({"d" + n: t[n].grad for n in GRAD_NAMES})
+    return outs
+
+
+# name -> (edit of the inputs, delta_softplus)
+def _corner(name, N, dtype):
+    kw = _inputs(N, dtype)
+    sp = False
+    if name == "A -3e38":
+        kw["A"][0, 0] = -3e38
+    elif name == "A -1e38, last state":
+        kw["A"][1, N - 1] = -1e38
+    elif name == "A float32 max":
+        kw["A"][0, 0] = -F32_MAX
+        kw["A"][2, N - 1] = -F32_MAX
+    elif name == "A -1e38, softplus":
+        kw["A"][0, 0] = -1e38
+        sp = True
+    elif name == "A -1e30, delta 1e10":  # Δ A overflows to -inf in float32: decay 0 either way
+        kw["A"][0, 0] = -1e30
+        kw["delta"][0, 0, 2] = 1e10
+    elif name == "A -1e20, delta 1e-17":  # Δ A ~ -1e3: far below log(FLT_MIN), finite
+        kw["A"][1, 0] = -1e20
+        kw["delta"][:, 1, 1:4] = 1e-17
+    elif name == "delta 1e30":  # huge step, modest A: the decay is 0, the input term huge but finite
+        kw["delta"][0, 1, 3] = 1e30
+    elif name == "delta 1e30, softplus":
+        kw["delta"][0, 1, 3] = 1e30
+        sp = True
+    else:
+        raise KeyError(name)
+    return kw, sp
+
+
+CORNERS = ["A -3e38", "A -1e38, last state", "A float32 max", "A -1e38, softplus", "A -1e30, delta 1e10",
+           "A -1e20, delta 1e-17", "delta 1e30", "delta 1e30, softplus"]
+
+
+@pytest.mark.parametrize("corner", CORNERS)
+@pytest.mark.parametrize("N", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_selective_scan_matches_float64_in_huge_A_and_delta_corners(dtype, N, corner):
+    kw, sp = _corner(corner, N, dtype)
+    want = _run(kw, "reference", sp, as_dtype=torch.float64)
+    for name, w in want.items():
+        # assert_close's tolerance grows with the tensor's magnitude: an inf there would accept anything.
+        assert torch.isfinite(w).all(), f"the float64 reference {name} must be finite in corner {corner}"
+    got = _run(kw, "cpu", sp)
+    for name, w in want.items():
+        a = got[name]
+        assert_close(a, w.to(a.dtype), grad=name.startswith("d"), name=f"cpu {dtype} N={N} {corner}: {name}")
+
+
+def test_cpu_selective_scan_decay_below_float32_min_is_exactly_zero():
+    # One state, h_0 = 1, B = 0: the state after one step is the decay itself, exp(Δ A). Below
+    # log(FLT_MIN) it must be within FLT_MIN of float64's (0 from Δ A <= -88 on), not floored at
+    # e^-87 ~ 1.6e-38; in the normal range it keeps the fast exp's accuracy (~2 ulp).
+    tiny = torch.finfo(torch.float32).tiny
+    for x in [-80.0, -87.0, -87.3, -87.5, -87.7, -88.0, -90.0, -1e3, -3e38, -F32_MAX]:
+        out, last = selective_scan(torch.zeros(1, 1, 1), torch.ones(1, 1, 1), torch.tensor([[x]]),
+                                   torch.zeros(1, 1, 1), torch.ones(1, 1, 1), return_last_state=True,
+                                   initial_state=torch.ones(1, 1, 1), backend="cpu")
+        got, want = last.item(), torch.tensor(x).double().exp().item()  # of float32(x)
+        if want >= tiny:
+            assert abs(got - want) <= 4e-7 * want, (x, got, want)
+        else:
+            assert 0.0 <= got <= want + tiny, (x, got, want)
+        if x <= -88.0:
+            assert got == 0.0, (x, got)
+        assert out.item() == got  # y = C h with C = 1
