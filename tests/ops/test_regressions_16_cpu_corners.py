@@ -115,3 +115,96 @@ def test_cpu_selective_scan_decay_below_float32_min_is_exactly_zero():
         if x <= -88.0:
             assert got == 0.0, (x, got)
         assert out.item() == got  # y = C h with C = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# cpu mhp_scan: a step Δ so large that Δ u B overflows float32 (the state and some readouts are
+# past float32's range, others finite), and huge gaps with degenerate steps. The float32 kernel gave
+# NaN for y, the integral, the state and every gradient of the channel (inf - inf); now a float32
+# call with a gap or step past 1e15 runs in float64 and rounds its results.
+# ---------------------------------------------------------------------------------------------
+MHP_GRADS = ("u", "delta", "A", "B", "C", "dt", "dt_end")
+
+
+def _mhp_inputs(N, dtype, seed=16, batch=2, dim=3, L=5):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        u=torch.rand(batch, dim, L, generator=g).to(dtype),
+        delta=(torch.rand(batch, dim, L, generator=g) + 0.5).to(dtype),
+        A=-(torch.rand(dim, N, generator=g) + 0.5),
+        B=torch.rand(batch, N, L, generator=g).to(dtype),
+        C=torch.rand(batch, N, L, generator=g).to(dtype),
+        dt=torch.rand(batch, L, generator=g),
+        dt_end=torch.rand(batch, generator=g),
+    )
+
+
+def _mhp_run(kw, backend, delta_softplus, as_dtype=None, ymask=None):
+    from mvpp_kernels import mhp_scan
+
+    t = {n: (v.to(as_dtype) if as_dtype is not None else v).detach().clone().requires_grad_(True)
+         for n, v in kw.items()}
+    o = mhp_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["dt"], dt_end=t["dt_end"],
+                 delta_softplus=delta_softplus, return_last_state=True, backend=backend)
+    outs = dict(y=o.y, y_left=o.y_left, integral=o.integral, last_state=o.last_state)
+    # y is past float32's range at the overflowing event: the loss weights only the y that are
+    # finite in float32 (`ymask`, the same for both runs), so the gradients are finite
+    if ymask is None:
+        ymask = torch.isfinite(o.y.detach().float())
+    loss = (o.y_left.double().sum() + 3 * o.integral.double().sum()
+            + torch.where(ymask, o.y.double(), 0.0).sum())
+    loss.backward()
+    outs.update({"d" + n: t[n].grad for n in MHP_GRADS})
+    return outs, ymask
+
+
+def _mhp_corner(name, N, dtype):
+    kw = _mhp_inputs(N, dtype)
+    sp = False
+    if name == "delta 3e38, u 2":  # (float32's max itself rounds to inf in bfloat16)
+        kw["delta"][0, 0, 1] = 3e38
+        kw["u"][0, 0, 1] = 2.0
+    elif name == "delta 1e38, u 8, softplus":
+        kw["delta"][0, 0, 1] = 1e38
+        kw["u"][0, 0, 1] = 8.0
+        sp = True
+    elif name == "delta 3e38 at the last event":
+        kw["delta"][0, 1, 4] = 3e38
+        kw["u"][0, 1, 4] = 4.0
+    elif name == "delta 1e38, u 8, dt float32 max":
+        kw["delta"][1, 2, 1] = 1e38
+        kw["u"][1, 2, 1] = 8.0
+        kw["dt"][1, 2] = F32_MAX
+    elif name == "delta 1e-30, dt float32 max":
+        kw["delta"][0, 0, 1] = 1e-30
+        kw["dt"][0, 2] = F32_MAX
+    elif name == "delta 0, dt_end float32 max":
+        kw["delta"][0, 2, 4] = 0.0
+        kw["dt_end"][0] = F32_MAX
+    else:
+        raise KeyError(name)
+    return kw, sp
+
+
+MHP_CORNERS = ["delta 3e38, u 2", "delta 1e38, u 8, softplus", "delta 3e38 at the last event",
+               "delta 1e38, u 8, dt float32 max", "delta 1e-30, dt float32 max", "delta 0, dt_end float32 max"]
+
+
+@pytest.mark.parametrize("corner", MHP_CORNERS)
+@pytest.mark.parametrize("N", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_mhp_scan_matches_float64_when_delta_u_or_the_gap_overflows_float32(dtype, N, corner):
+    kw, sp = _mhp_corner(corner, N, dtype)
+    want, ymask = _mhp_run(kw, "reference", sp, as_dtype=torch.float64)
+    got, _ = _mhp_run(kw, "cpu", sp, ymask=ymask)
+    for name, w in want.items():
+        a = got[name]
+        w = w.to(a.dtype)  # past float32's range: inf in both
+        what = f"cpu {dtype} N={N} {corner}: {name}"
+        # assert_close's tolerance grows with the tensor's magnitude (an inf would accept anything):
+        # the non-finite elements must match exactly, the finite ones within tolerance.
+        fin = torch.isfinite(w)
+        assert torch.equal(torch.isfinite(a), fin), f"{what}: non-finite where the reference is not, or not where it is"
+        torch.testing.assert_close(a[~fin].double(), w[~fin].double(), rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{what}: wrong non-finite values: {m}")
+        assert_close(a[fin], w[fin], grad=name.startswith("d"), name=what)
