@@ -31,17 +31,9 @@ at::ScalarType compute_type(const Tensor& u) { return u.scalar_type() == at::kDo
 // PhiConst<float>::kHuge, far above any time scale or step a model uses, so the common case only
 // pays one max-|.| pass over delta and dt.
 constexpr float kWidening = mvpp::mhp_cpu::PhiConst<float>::kHuge;
+static_assert(kWidening == mvpp::scan_cpu::kWidenFloat64, "mhp_scan and selective_scan widen at the same step");
 
-// max |x| over a contiguous float tensor (NaN ignored: it propagates either way; 0 for none).
-float max_abs(const Tensor& x) {
-  if (!x.defined()) return 0.0f;
-  const float* p = x.data_ptr<float>();
-  const int64_t n = x.numel();
-  float m = 0.0f;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(p[i]));
-  return m;
-}
+float max_abs(const Tensor& x) { return x.defined() ? mvpp::scan_cpu::max_abs(x.data_ptr<float>(), x.numel()) : 0.0f; }
 
 // The kernel's compute type for inputs already converted to `ct` (contiguous), see kWidening.
 at::ScalarType kernel_type(at::ScalarType ct, const Tensor& delta, const Tensor& bias, const Tensor& dt,

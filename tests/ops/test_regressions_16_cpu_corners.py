@@ -117,6 +117,66 @@ def test_cpu_selective_scan_decay_below_float32_min_is_exactly_zero():
         assert out.item() == got  # y = C h with C = 1
 
 
+
+# A step so large that Δ u B overflows float32: the state and some outputs are past float32's range
+# (inf in both), the rest finite. The float32 kernel gave NaN (inf - inf) for out, ddelta, dA, dz, ...;
+# now a float32 call with a step past 1e15 runs in float64 and rounds its results.
+def _run_masked(kw, backend, delta_softplus, as_dtype=None, mask=None):
+    t = {n: (v.to(as_dtype) if as_dtype is not None else v).detach().clone().requires_grad_(True)
+         for n, v in kw.items()}
+    out, last = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], D=t["D"], z=t["z"],
+                               delta_bias=t["delta_bias"], delta_softplus=delta_softplus, return_last_state=True,
+                               initial_state=t["initial_state"], backend=backend)
+    # the loss weights only what is finite in float32 (`mask`, the same for both runs): a weight on
+    # an inf output would make every gradient inf or NaN
+    if mask is None:
+        mask = (torch.isfinite(out.detach().float()), torch.isfinite(last.detach().float()))
+    loss = torch.where(mask[0], out.double(), 0.0).sum() + 2 * torch.where(mask[1], last.double(), 0.0).sum()
+    loss.backward()
+    outs = dict(out=out, last_state=last)
+    outs.update({"d" + n: t[n].grad for n in GRAD_NAMES})
+    return outs, mask
+
+
+def _assert_matches_with_infinities(got, want, what):
+    for name, w in want.items():
+        a = got[name]
+        w = w.to(a.dtype)  # past float32's range: inf in both
+        # assert_close's tolerance grows with the tensor's magnitude (an inf would accept anything):
+        # the non-finite elements must match exactly, the finite ones within tolerance.
+        fin = torch.isfinite(w)
+        assert torch.equal(torch.isfinite(a), fin), f"{what} {name}: non-finite where the reference is not, or not where it is"
+        torch.testing.assert_close(a[~fin].double(), w[~fin].double(), rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{what} {name}: wrong non-finite values: {m}")
+        assert_close(a[fin], w[fin], grad=name.startswith("d"), name=f"{what} {name}")
+
+
+SS_OVERFLOW = ["delta 3e38, u 2", "delta 1e38, u 8, softplus", "delta 3e38 at the last step"]
+
+
+@pytest.mark.parametrize("corner", SS_OVERFLOW)
+@pytest.mark.parametrize("N", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_selective_scan_matches_float64_when_delta_u_overflows_float32(dtype, N, corner):
+    kw = _inputs(N, dtype)
+    sp = False
+    if corner == "delta 3e38, u 2":  # (float32's max itself rounds to inf in bfloat16)
+        kw["delta"][0, 0, 1] = 3e38
+        kw["u"][0, 0, 1] = 2.0
+    elif corner == "delta 1e38, u 8, softplus":
+        kw["delta"][0, 0, 1] = 1e38
+        kw["u"][0, 0, 1] = 8.0
+        sp = True
+    else:
+        kw["delta"][0, 1, 6] = 3e38
+        kw["u"][0, 1, 6] = 4.0
+    want, mask = _run_masked(kw, "reference", sp, as_dtype=torch.float64)
+    assert not any(torch.isnan(w).any() for w in want.values()), "the corner must have a NaN-free reference"
+    assert any(w.abs().max() > 1e36 for w in want.values()), "the corner must reach float32's top"
+    got, _ = _run_masked(kw, "cpu", sp, mask=mask)
+    _assert_matches_with_infinities(got, want, f"cpu {dtype} N={N} {corner}:")
+
+
 # ---------------------------------------------------------------------------------------------
 # cpu mhp_scan: a step Δ so large that Δ u B overflows float32 (the state and some readouts are
 # past float32's range, others finite), and huge gaps with degenerate steps. The float32 kernel gave
@@ -197,14 +257,4 @@ def test_cpu_mhp_scan_matches_float64_when_delta_u_or_the_gap_overflows_float32(
     kw, sp = _mhp_corner(corner, N, dtype)
     want, ymask = _mhp_run(kw, "reference", sp, as_dtype=torch.float64)
     got, _ = _mhp_run(kw, "cpu", sp, ymask=ymask)
-    for name, w in want.items():
-        a = got[name]
-        w = w.to(a.dtype)  # past float32's range: inf in both
-        what = f"cpu {dtype} N={N} {corner}: {name}"
-        # assert_close's tolerance grows with the tensor's magnitude (an inf would accept anything):
-        # the non-finite elements must match exactly, the finite ones within tolerance.
-        fin = torch.isfinite(w)
-        assert torch.equal(torch.isfinite(a), fin), f"{what}: non-finite where the reference is not, or not where it is"
-        torch.testing.assert_close(a[~fin].double(), w[~fin].double(), rtol=0, atol=0, equal_nan=True,
-                                   msg=lambda m: f"{what}: wrong non-finite values: {m}")
-        assert_close(a[fin], w[fin], grad=name.startswith("d"), name=what)
+    _assert_matches_with_infinities(got, want, f"cpu {dtype} N={N} {corner}:")

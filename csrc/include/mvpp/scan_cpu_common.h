@@ -71,6 +71,20 @@ MVPP_INLINE float exp_approx(float x) {
   return p * scale;
 }
 
+// max |p[i]| over n floats, NaN ignored (it propagates through the scan either way), 0 for n = 0.
+// The CPU scans' float64-widening checks (issue 16): one vector pass, ~16 us per 131k floats.
+inline float max_abs(const float* p, int64_t n) {
+  float m = 0.0f;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(p[i]));
+  return m;
+}
+
+// Steps |Δ| (or gaps) at or past this make a float32 CPU scan run in float64 (issue 16): Δ u B
+// overflows float32 while the readouts and most gradients are finite, and float32 intermediates
+// then give inf - inf = NaN. Far above any step a model uses (the common case pays one max pass).
+constexpr float kWidenFloat64 = 1e15f;
+
 // float64 inputs are the accuracy path: libm.
 template <bool kNonPos = false>
 MVPP_INLINE double exp_approx(double x) {
