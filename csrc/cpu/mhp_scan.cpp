@@ -21,26 +21,29 @@ using mvpp::mhp_cpu::MhpScratch;
 
 at::ScalarType compute_type(const Tensor& u) { return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// A float32 call whose gaps dt / dt_end, or steps |delta + delta_bias|, reach this runs in float64
-// (issue 16). A gap that long with a step Δ |A| too small to decay the state away (Δ = 0,
-// subnormal, or 1e-30 |A|) has exact gradients that are finite and float32-representable, but the
-// adjoint carries dint * dt * C and d/dΔ of the integral A dt^2 φ'(x), past float32's range for dt
-// near its max; a step that large makes Δ u B overflow while the readouts the loss sees can be
-// finite. float32 intermediates then give inf - inf = NaN or a spurious inf; float64 holds them
-// (its own kHuge is 1e150) and its results are rounded to float32 like the reference's. The value is
-// PhiConst<float>::kHuge, far above any time scale or step a model uses, so the common case only
-// pays one max-|.| pass over delta and dt.
-constexpr float kWidening = mvpp::mhp_cpu::PhiConst<float>::kHuge;
-static_assert(kWidening == mvpp::scan_cpu::kWidenFloat64, "mhp_scan and selective_scan widen at the same step");
+// A float32 call with a gap dt / dt_end at or past this, or whose step/input bound reaches it
+// (scan_cpu::float32_may_overflow: Δ u B, the state or C h could overflow), runs in float64 (issue
+// 16). A gap that long with a step Δ |A| too small to decay the state away (Δ = 0, subnormal, or
+// 1e-30 |A|) has exact gradients that are finite and float32-representable, but the adjoint carries
+// dint * dt * C and d/dΔ of the integral A dt^2 φ'(x), past float32's range for dt near its max.
+// float32 intermediates then give inf - inf = NaN or a spurious inf; float64 holds them (its own
+// kHuge is 1e150) and the results are rounded to float32 like the reference's (chunk_states too: the
+// backward recomputes from float32-rounded chunk starts). The value, 1e15 (PhiConst<float>::kHuge), is far
+// above any time scale a model uses, so the common case pays only the max passes (~6 us per 131k
+// floats over dt, delta, u, B, C, in the forward and again in the backward).
+constexpr double kWidening = mvpp::scan_cpu::kWidenFloat64;
 
 float max_abs(const Tensor& x) { return x.defined() ? mvpp::scan_cpu::max_abs(x.data_ptr<float>(), x.numel()) : 0.0f; }
 
-// The kernel's compute type for inputs already converted to `ct` (contiguous), see kWidening.
-at::ScalarType kernel_type(at::ScalarType ct, const Tensor& delta, const Tensor& bias, const Tensor& dt,
-                           const Tensor& dt_end) {
+// The kernel's compute type for inputs already converted to `ct` (contiguous, A/B/C padded): float64
+// for a float32 call with a gap past kWidening or a step/input bound past it (see
+// scan_cpu::float32_may_overflow).
+at::ScalarType kernel_type(at::ScalarType ct, const Tensor& u, const Tensor& delta, const Tensor& bias,
+                           const Tensor& B, const Tensor& C, const Tensor& dt, const Tensor& dt_end) {
   if (ct != at::kFloat) return ct;
   const bool wide = max_abs(dt) >= kWidening || max_abs(dt_end) >= kWidening ||
-                    max_abs(delta) + max_abs(bias) >= kWidening;
+                    mvpp::scan_cpu::float32_may_overflow(max_abs(delta), max_abs(bias), max_abs(u), max_abs(B),
+                                                         max_abs(C));
   return wide ? at::kDouble : ct;
 }
 
@@ -123,19 +126,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mhp_scan_fwd_cpu(
     const c10::optional<Tensor>& initial_state, bool delta_softplus, int64_t chunk_size) {
   check_inputs(u, delta, A, B, C, dt, chunk_size);
   const at::ScalarType out_ct = compute_type(u);  // the results' type
-  Tensor delta_ = cvt(delta, out_ct), dt_ = cvt(dt, out_ct);
-  Tensor bias_ = cvt_opt(delta_bias, out_ct), dt_end_ = cvt_opt(dt_end, out_ct);
-  const at::ScalarType ct = kernel_type(out_ct, delta_, bias_, dt_, dt_end_);  // the kernel's
-  if (ct != out_ct) {
-    for (Tensor* X : {&delta_, &dt_, &bias_, &dt_end_}) *X = widen(*X, ct);
-  }
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const int NP = mvpp::mhp_cpu::padded_state_size(N);
   const int64_t nc = (L + chunk_size - 1) / chunk_size;
-  Tensor u_ = cvt(u, ct);
-  Tensor A_ = pad_states(A, NP, ct), B_ = pad_states(B, NP, ct), C_ = pad_states(C, NP, ct);
-  Tensor D_ = cvt_opt(D, ct), z_ = cvt_opt(z, ct);
-  Tensor init_ = cvt_opt(initial_state, ct);
+  Tensor u_ = cvt(u, out_ct), delta_ = cvt(delta, out_ct), dt_ = cvt(dt, out_ct);
+  Tensor A_ = pad_states(A, NP, out_ct), B_ = pad_states(B, NP, out_ct), C_ = pad_states(C, NP, out_ct);
+  Tensor D_ = cvt_opt(D, out_ct), z_ = cvt_opt(z, out_ct), bias_ = cvt_opt(delta_bias, out_ct);
+  Tensor dt_end_ = cvt_opt(dt_end, out_ct), init_ = cvt_opt(initial_state, out_ct);
+  const at::ScalarType ct = kernel_type(out_ct, u_, delta_, bias_, B_, C_, dt_, dt_end_);  // the kernel's
+  if (ct != out_ct) {
+    for (Tensor* X : {&u_, &delta_, &dt_, &A_, &B_, &C_, &D_, &z_, &bias_, &dt_end_, &init_}) *X = widen(*X, ct);
+  }
   Tensor len_ = (lengths.has_value() && lengths->defined()) ? lengths->to(at::kLong).contiguous() : Tensor();
 
   auto opts = u.options().dtype(ct);
@@ -187,12 +188,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   (void)deterministic;  // this backward is always deterministic
   check_inputs(u, delta, A, B, C, dt, chunk_size);
   const at::ScalarType out_ct = compute_type(u);
-  Tensor delta_ = cvt(delta, out_ct), dt_ = cvt(dt, out_ct);
-  Tensor bias_ = cvt_opt(delta_bias, out_ct), dt_end_ = cvt_opt(dt_end, out_ct);
-  const at::ScalarType ct = kernel_type(out_ct, delta_, bias_, dt_, dt_end_);  // as the forward's
-  if (ct != out_ct) {
-    for (Tensor* X : {&delta_, &dt_, &bias_, &dt_end_}) *X = widen(*X, ct);
-  }
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const int NP = mvpp::mhp_cpu::padded_state_size(N);
   const int64_t nc = (L + chunk_size - 1) / chunk_size;
@@ -200,10 +195,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   TORCH_CHECK(chunk_states.dim() == 3 && chunk_states.size(0) == batch && chunk_states.size(1) == dim &&
                   chunk_states.size(2) == nc * N,
               "mhp_scan_bwd: chunk_states must be (batch, dim, ceil(L / chunk_size) * N) from mhp_scan_fwd");
-  Tensor u_ = cvt(u, ct), dy_ = cvt(dy, ct);
-  Tensor A_ = pad_states(A, NP, ct), B_ = pad_states(B, NP, ct), C_ = pad_states(C, NP, ct);
-  Tensor D_ = cvt_opt(D, ct), z_ = cvt_opt(z, ct);
-  Tensor init_ = cvt_opt(initial_state, ct);
+  Tensor u_ = cvt(u, out_ct), delta_ = cvt(delta, out_ct), dt_ = cvt(dt, out_ct);
+  Tensor A_ = pad_states(A, NP, out_ct), B_ = pad_states(B, NP, out_ct), C_ = pad_states(C, NP, out_ct);
+  Tensor D_ = cvt_opt(D, out_ct), z_ = cvt_opt(z, out_ct), bias_ = cvt_opt(delta_bias, out_ct);
+  Tensor dt_end_ = cvt_opt(dt_end, out_ct), init_ = cvt_opt(initial_state, out_ct);
+  const at::ScalarType ct = kernel_type(out_ct, u_, delta_, bias_, B_, C_, dt_, dt_end_);  // as the forward's
+  if (ct != out_ct) {
+    for (Tensor* X : {&u_, &delta_, &dt_, &A_, &B_, &C_, &D_, &z_, &bias_, &dt_end_, &init_}) *X = widen(*X, ct);
+  }
+  Tensor dy_ = cvt(dy, ct);
   Tensor dyl_ = cvt_opt(dy_left, ct), dint_ = cvt_opt(dintegral, ct), dlast_ = cvt_opt(dlast_state, ct);
   Tensor cst_ = cvt(chunk_states, ct);
   Tensor len_ = (lengths.has_value() && lengths->defined()) ? lengths->to(at::kLong).contiguous() : Tensor();

@@ -81,22 +81,8 @@ Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Te
               kMaxDState);
   p.out_ct = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   p.ct = p.out_ct;
-  p.delta = as_compute(delta, p.ct);
-  if (p.ct == at::kFloat) {
-    // A step |delta + delta_bias| past kWidenFloat64 runs the call in float64 (issue 16): Δ u B
-    // overflows float32 there while the outputs and gradients the loss sees can be finite, and the
-    // float32 kernel gave NaN (inf - inf) for them. Results are rounded back to float32.
-    float mb = 0.0f;
-    if (present(delta_bias)) {
-      Tensor b = as_compute(*delta_bias, at::kFloat);
-      mb = scan_cpu::max_abs(b.data_ptr<float>(), b.numel());
-    }
-    if (scan_cpu::max_abs(p.delta.data_ptr<float>(), p.delta.numel()) + mb >= scan_cpu::kWidenFloat64) {
-      p.ct = at::kDouble;
-      p.delta = p.delta.to(p.ct);
-    }
-  }
   p.u = as_compute(u, p.ct);
+  p.delta = as_compute(delta, p.ct);
   Tensor Ap = at::zeros({p.dim, p.NP}, A.options().dtype(p.ct));
   Ap.narrow(1, 0, p.N).copy_(A);
   p.A = Ap;
@@ -135,6 +121,20 @@ Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Te
       const int64_t lo = p.lengths.min().item<int64_t>(), hi = p.lengths.max().item<int64_t>();
       TORCH_CHECK(lo >= 0 && hi <= p.L, "selective_scan: lengths must lie in [0, L=", p.L, "], got values in [",
                   lo, ", ", hi, "]");
+    }
+  }
+  if (p.ct == at::kFloat) {
+    // Steps or inputs so large that Δ u B, the state or C h could overflow float32
+    // (scan_cpu::float32_may_overflow) run the call in float64 (issue 16): the outputs and gradients
+    // the loss sees can be finite there, and the float32 kernel gave NaN (inf - inf) for them.
+    // Results are rounded back to float32 (out_ct).
+    auto mx = [](const Tensor& t) {
+      return t.defined() ? scan_cpu::max_abs(t.data_ptr<float>(), t.numel()) : 0.0f;
+    };
+    if (scan_cpu::float32_may_overflow(mx(p.delta), mx(p.delta_bias), mx(p.u), mx(p.B), mx(p.C))) {
+      p.ct = at::kDouble;
+      for (Tensor* X : {&p.u, &p.delta, &p.z, &p.A, &p.B, &p.C, &p.D, &p.delta_bias, &p.initial_state})
+        if (X->defined()) *X = X->to(p.ct);
     }
   }
   return p;

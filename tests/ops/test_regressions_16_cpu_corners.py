@@ -118,9 +118,10 @@ def test_cpu_selective_scan_decay_below_float32_min_is_exactly_zero():
 
 
 
-# A step so large that Δ u B overflows float32: the state and some outputs are past float32's range
-# (inf in both), the rest finite. The float32 kernel gave NaN (inf - inf) for out, ddelta, dA, dz, ...;
-# now a float32 call with a step past 1e15 runs in float64 and rounds its results.
+# A step, input u or B so large that Δ u B overflows float32: the state and some outputs are past
+# float32's range (inf in both), the rest finite. The float32 kernel gave NaN (inf - inf) for out,
+# ddelta, dA, dz, ...; now a float32 call whose bound (|Δ| + 1) |u| |B| |C| passes 1e15 runs in
+# float64 and rounds its results.
 def _run_masked(kw, backend, delta_softplus, as_dtype=None, mask=None):
     t = {n: (v.to(as_dtype) if as_dtype is not None else v).detach().clone().requires_grad_(True)
          for n, v in kw.items()}
@@ -151,7 +152,8 @@ def _assert_matches_with_infinities(got, want, what):
         assert_close(a[fin], w[fin], grad=name.startswith("d"), name=f"{what} {name}")
 
 
-SS_OVERFLOW = ["delta 3e38, u 2", "delta 1e38, u 8, softplus", "delta 3e38 at the last step"]
+SS_OVERFLOW = ["delta 3e38, u 2", "delta 1e38, u 8, softplus", "delta 3e38 at the last step", "u 3e38, delta 2",
+               "B 3e38, u 3"]
 
 
 @pytest.mark.parametrize("corner", SS_OVERFLOW)
@@ -167,9 +169,16 @@ def test_cpu_selective_scan_matches_float64_when_delta_u_overflows_float32(dtype
         kw["delta"][0, 0, 1] = 1e38
         kw["u"][0, 0, 1] = 8.0
         sp = True
-    else:
+    elif corner == "delta 3e38 at the last step":
         kw["delta"][0, 1, 6] = 3e38
         kw["u"][0, 1, 6] = 4.0
+    elif corner == "u 3e38, delta 2":  # a modest step, a huge input: Δ u overflows all the same
+        kw["u"][0, 0, 1] = 3e38
+        kw["delta"][0, 0, 1] = 2.0
+    else:
+        kw["B"][0, N - 1, 1] = 3e38
+        kw["u"][0, 0, 1] = 3.0
+        kw["delta"][0, 0, 1] = 1.5
     want, mask = _run_masked(kw, "reference", sp, as_dtype=torch.float64)
     assert not any(torch.isnan(w).any() for w in want.values()), "the corner must have a NaN-free reference"
     assert any(w.abs().max() > 1e36 for w in want.values()), "the corner must reach float32's top"
@@ -178,10 +187,10 @@ def test_cpu_selective_scan_matches_float64_when_delta_u_overflows_float32(dtype
 
 
 # ---------------------------------------------------------------------------------------------
-# cpu mhp_scan: a step Δ so large that Δ u B overflows float32 (the state and some readouts are
-# past float32's range, others finite), and huge gaps with degenerate steps. The float32 kernel gave
-# NaN for y, the integral, the state and every gradient of the channel (inf - inf); now a float32
-# call with a gap or step past 1e15 runs in float64 and rounds its results.
+# cpu mhp_scan: a step Δ, u or B so large that Δ u B overflows float32 (the state and some readouts
+# are past float32's range, others finite), and huge gaps with degenerate steps. The float32 kernel
+# gave NaN for y, the integral, the state and every gradient of the channel (inf - inf); now a
+# float32 call with a gap or a step/input bound past 1e15 runs in float64 and rounds its results.
 # ---------------------------------------------------------------------------------------------
 MHP_GRADS = ("u", "delta", "A", "B", "C", "dt", "dt_end")
 
@@ -238,6 +247,13 @@ def _mhp_corner(name, N, dtype):
     elif name == "delta 1e-30, dt float32 max":
         kw["delta"][0, 0, 1] = 1e-30
         kw["dt"][0, 2] = F32_MAX
+    elif name == "u 3e38, delta 2":
+        kw["u"][0, 0, 1] = 3e38
+        kw["delta"][0, 0, 1] = 2.0
+    elif name == "B 3e38, u 3":
+        kw["B"][0, N - 1, 1] = 3e38
+        kw["u"][0, 0, 1] = 3.0
+        kw["delta"][0, 0, 1] = 1.5
     elif name == "delta 0, dt_end float32 max":
         kw["delta"][0, 2, 4] = 0.0
         kw["dt_end"][0] = F32_MAX
@@ -247,7 +263,8 @@ def _mhp_corner(name, N, dtype):
 
 
 MHP_CORNERS = ["delta 3e38, u 2", "delta 1e38, u 8, softplus", "delta 3e38 at the last event",
-               "delta 1e38, u 8, dt float32 max", "delta 1e-30, dt float32 max", "delta 0, dt_end float32 max"]
+               "delta 1e38, u 8, dt float32 max", "delta 1e-30, dt float32 max", "delta 0, dt_end float32 max",
+               "u 3e38, delta 2", "B 3e38, u 3"]
 
 
 @pytest.mark.parametrize("corner", MHP_CORNERS)
