@@ -21,6 +21,34 @@ using mvpp::mhp_cpu::MhpScratch;
 
 at::ScalarType compute_type(const Tensor& u) { return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A float32 call with a gap dt / dt_end at or past this, or whose step/input bound reaches it
+// (scan_cpu::float32_may_overflow: Δ u B, the state or C h could overflow), runs in float64 (issue
+// 16). A gap that long with a step Δ |A| too small to decay the state away (Δ = 0, subnormal, or
+// 1e-30 |A|) has exact gradients that are finite and float32-representable, but the adjoint carries
+// dint * dt * C and d/dΔ of the integral A dt^2 φ'(x), past float32's range for dt near its max.
+// float32 intermediates then give inf - inf = NaN or a spurious inf; float64 holds them (its own
+// kHuge is 1e150) and the results are rounded to float32 like the reference's (chunk_states too: the
+// backward recomputes from float32-rounded chunk starts). The value, 1e15 (PhiConst<float>::kHuge), is far
+// above any time scale a model uses, so the common case pays only the max passes (~6 us per 131k
+// floats over dt, delta, u, B, C, in the forward and again in the backward).
+constexpr double kWidening = mvpp::scan_cpu::kWidenFloat64;
+
+float max_abs(const Tensor& x) { return x.defined() ? mvpp::scan_cpu::max_abs(x.data_ptr<float>(), x.numel()) : 0.0f; }
+
+// The kernel's compute type for inputs already converted to `ct` (contiguous, A/B/C padded): float64
+// for a float32 call with a gap past kWidening or a step/input bound past it (see
+// scan_cpu::float32_may_overflow).
+at::ScalarType kernel_type(at::ScalarType ct, const Tensor& u, const Tensor& delta, const Tensor& bias,
+                           const Tensor& B, const Tensor& C, const Tensor& dt, const Tensor& dt_end) {
+  if (ct != at::kFloat) return ct;
+  const bool wide = max_abs(dt) >= kWidening || max_abs(dt_end) >= kWidening ||
+                    mvpp::scan_cpu::float32_may_overflow(max_abs(delta), max_abs(bias), max_abs(u), max_abs(B),
+                                                         max_abs(C));
+  return wide ? at::kDouble : ct;
+}
+
+Tensor widen(const Tensor& x, at::ScalarType kt) { return x.defined() ? x.to(kt) : x; }
+
 Tensor cvt(const Tensor& x, at::ScalarType ct) { return x.to(ct).contiguous(); }
 
 Tensor cvt_opt(const c10::optional<Tensor>& x, at::ScalarType ct) {
@@ -97,14 +125,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mhp_scan_fwd_cpu(
     const c10::optional<Tensor>& dt_end, const c10::optional<Tensor>& lengths,
     const c10::optional<Tensor>& initial_state, bool delta_softplus, int64_t chunk_size) {
   check_inputs(u, delta, A, B, C, dt, chunk_size);
-  const at::ScalarType ct = compute_type(u);
+  const at::ScalarType out_ct = compute_type(u);  // the results' type
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const int NP = mvpp::mhp_cpu::padded_state_size(N);
   const int64_t nc = (L + chunk_size - 1) / chunk_size;
-  Tensor u_ = cvt(u, ct), delta_ = cvt(delta, ct), dt_ = cvt(dt, ct);
-  Tensor A_ = pad_states(A, NP, ct), B_ = pad_states(B, NP, ct), C_ = pad_states(C, NP, ct);
-  Tensor D_ = cvt_opt(D, ct), z_ = cvt_opt(z, ct), bias_ = cvt_opt(delta_bias, ct);
-  Tensor dt_end_ = cvt_opt(dt_end, ct), init_ = cvt_opt(initial_state, ct);
+  Tensor u_ = cvt(u, out_ct), delta_ = cvt(delta, out_ct), dt_ = cvt(dt, out_ct);
+  Tensor A_ = pad_states(A, NP, out_ct), B_ = pad_states(B, NP, out_ct), C_ = pad_states(C, NP, out_ct);
+  Tensor D_ = cvt_opt(D, out_ct), z_ = cvt_opt(z, out_ct), bias_ = cvt_opt(delta_bias, out_ct);
+  Tensor dt_end_ = cvt_opt(dt_end, out_ct), init_ = cvt_opt(initial_state, out_ct);
+  const at::ScalarType ct = kernel_type(out_ct, u_, delta_, bias_, B_, C_, dt_, dt_end_);  // the kernel's
+  if (ct != out_ct) {
+    for (Tensor* X : {&u_, &delta_, &dt_, &A_, &B_, &C_, &D_, &z_, &bias_, &dt_end_, &init_}) *X = widen(*X, ct);
+  }
   Tensor len_ = (lengths.has_value() && lengths->defined()) ? lengths->to(at::kLong).contiguous() : Tensor();
 
   auto opts = u.options().dtype(ct);
@@ -137,6 +169,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mhp_scan_fwd_cpu(
     });
   });
   if (y.scalar_type() != u.scalar_type()) y = y.to(u.scalar_type());
+  if (ct != out_ct) {
+    y_left = y_left.to(out_ct);
+    integral = integral.to(out_ct);
+    last_state = last_state.to(out_ct);
+    chunk_states = chunk_states.to(out_ct);  // the backward widens them again
+  }
   return {y, y_left, integral, last_state, chunk_states};
 }
 
@@ -149,7 +187,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     bool delta_softplus, int64_t chunk_size, bool deterministic) {
   (void)deterministic;  // this backward is always deterministic
   check_inputs(u, delta, A, B, C, dt, chunk_size);
-  const at::ScalarType ct = compute_type(u);
+  const at::ScalarType out_ct = compute_type(u);
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
   const int NP = mvpp::mhp_cpu::padded_state_size(N);
   const int64_t nc = (L + chunk_size - 1) / chunk_size;
@@ -157,10 +195,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   TORCH_CHECK(chunk_states.dim() == 3 && chunk_states.size(0) == batch && chunk_states.size(1) == dim &&
                   chunk_states.size(2) == nc * N,
               "mhp_scan_bwd: chunk_states must be (batch, dim, ceil(L / chunk_size) * N) from mhp_scan_fwd");
-  Tensor u_ = cvt(u, ct), delta_ = cvt(delta, ct), dt_ = cvt(dt, ct), dy_ = cvt(dy, ct);
-  Tensor A_ = pad_states(A, NP, ct), B_ = pad_states(B, NP, ct), C_ = pad_states(C, NP, ct);
-  Tensor D_ = cvt_opt(D, ct), z_ = cvt_opt(z, ct), bias_ = cvt_opt(delta_bias, ct);
-  Tensor dt_end_ = cvt_opt(dt_end, ct), init_ = cvt_opt(initial_state, ct);
+  Tensor u_ = cvt(u, out_ct), delta_ = cvt(delta, out_ct), dt_ = cvt(dt, out_ct);
+  Tensor A_ = pad_states(A, NP, out_ct), B_ = pad_states(B, NP, out_ct), C_ = pad_states(C, NP, out_ct);
+  Tensor D_ = cvt_opt(D, out_ct), z_ = cvt_opt(z, out_ct), bias_ = cvt_opt(delta_bias, out_ct);
+  Tensor dt_end_ = cvt_opt(dt_end, out_ct), init_ = cvt_opt(initial_state, out_ct);
+  const at::ScalarType ct = kernel_type(out_ct, u_, delta_, bias_, B_, C_, dt_, dt_end_);  // as the forward's
+  if (ct != out_ct) {
+    for (Tensor* X : {&u_, &delta_, &dt_, &A_, &B_, &C_, &D_, &z_, &bias_, &dt_end_, &init_}) *X = widen(*X, ct);
+  }
+  Tensor dy_ = cvt(dy, ct);
   Tensor dyl_ = cvt_opt(dy_left, ct), dint_ = cvt_opt(dintegral, ct), dlast_ = cvt_opt(dlast_state, ct);
   Tensor cst_ = cvt(chunk_states, ct);
   Tensor len_ = (lengths.has_value() && lengths->defined()) ? lengths->to(at::kLong).contiguous() : Tensor();
@@ -244,6 +287,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   };
   Tensor dB = Bvar ? fold(dB_part, GB) : dB_const;
   Tensor dC = Cvar ? fold(dC_part, GC) : dC_const;
+  if (ct != out_ct) {
+    for (Tensor* X : {&dA, &dB, &dC, &dD, &ddb, &ddt, &ddt_end, &dinit}) *X = X->to(out_ct);
+  }
   if (du.scalar_type() != u.scalar_type()) du = du.to(u.scalar_type());
   if (ddelta.scalar_type() != delta.scalar_type()) ddelta = ddelta.to(delta.scalar_type());
   if (dz.defined()) {

@@ -31,7 +31,8 @@ bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 // stride, and B/C transposed to (.., L, NP) so one step's states are contiguous.
 struct Prepared {
   int64_t batch, dim, L, N, NP, GB, GC;
-  at::ScalarType ct;
+  at::ScalarType ct;      // the kernels' compute type
+  at::ScalarType out_ct;  // the state-dtype results' type (float32; float64 for float64 inputs)
   Tensor u, delta, z, A, B, C, D, delta_bias, initial_state, lengths;
 };
 
@@ -78,7 +79,8 @@ Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Te
   p.NP = scan_cpu::padded_state_size(p.N);
   TORCH_CHECK(p.NP > 0, "selective_scan: N = ", p.N, " exceeds the CPU kernel's maximum state size ",
               kMaxDState);
-  p.ct = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.out_ct = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.ct = p.out_ct;
   p.u = as_compute(u, p.ct);
   p.delta = as_compute(delta, p.ct);
   Tensor Ap = at::zeros({p.dim, p.NP}, A.options().dtype(p.ct));
@@ -119,6 +121,20 @@ Prepared prepare(const Tensor& u, const Tensor& delta, const Tensor& A, const Te
       const int64_t lo = p.lengths.min().item<int64_t>(), hi = p.lengths.max().item<int64_t>();
       TORCH_CHECK(lo >= 0 && hi <= p.L, "selective_scan: lengths must lie in [0, L=", p.L, "], got values in [",
                   lo, ", ", hi, "]");
+    }
+  }
+  if (p.ct == at::kFloat) {
+    // Steps or inputs so large that Δ u B, the state or C h could overflow float32
+    // (scan_cpu::float32_may_overflow) run the call in float64 (issue 16): the outputs and gradients
+    // the loss sees can be finite there, and the float32 kernel gave NaN (inf - inf) for them.
+    // Results are rounded back to float32 (out_ct).
+    auto mx = [](const Tensor& t) {
+      return t.defined() ? scan_cpu::max_abs(t.data_ptr<float>(), t.numel()) : 0.0f;
+    };
+    if (scan_cpu::float32_may_overflow(mx(p.delta), mx(p.delta_bias), mx(p.u), mx(p.B), mx(p.C))) {
+      p.ct = at::kDouble;
+      for (Tensor* X : {&p.u, &p.delta, &p.z, &p.A, &p.B, &p.C, &p.D, &p.delta_bias, &p.initial_state})
+        if (X->defined()) *X = X->to(p.ct);
     }
   }
   return p;
@@ -185,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd_cpu(const Tensor& u, const
       });
     });
   });
-  return {to_dtype(out, u.scalar_type()), last_state, chunk_states};
+  return {to_dtype(out, u.scalar_type()), to_dtype(last_state, p.out_ct), to_dtype(chunk_states, p.out_ct)};
 }
 
 // The backward's unit of parallel work: `cb` consecutive channels of one batch element, never
@@ -308,15 +324,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   if (!p.D.defined()) dD.zero_();
   if (!p.delta_bias.defined()) ddb.zero_();
   Tensor dz_out = p.z.defined() ? to_dtype(dz, z->scalar_type()) : at::empty({0}, u.options());
+  const at::ScalarType oc = p.out_ct;
   return {to_dtype(du, u.scalar_type()),
           to_dtype(ddelta, delta.scalar_type()),
-          dA,
-          dB,
-          dC,
-          dD,
+          to_dtype(dA, oc),
+          to_dtype(dB, oc),
+          to_dtype(dC, oc),
+          to_dtype(dD, oc),
           dz_out,
-          ddb,
-          dinit};
+          to_dtype(ddb, oc),
+          to_dtype(dinit, oc)};
 }
 
 }  // namespace

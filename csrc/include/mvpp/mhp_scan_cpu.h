@@ -165,9 +165,10 @@ MVPP_INLINE T gap_step(T dp, T dt) {
   return std::min(dp * dt, std::numeric_limits<T>::max());
 }
 
-// e^x for a decay: exp_approx clamps x at -87 (its exponent-bit trick cannot build a subnormal
-// scale), so it never returns less than e^-87 ~ 1.6e-38; with a huge state or step that floor
-// shows (1.6e-38 * s ~ 5 in dA at s = 3e38). Below log(FLT_MIN) the decay is 0 (error < FLT_MIN).
+// e^x for a decay, exactly 0 below log(FLT_MIN) (error < FLT_MIN). exp_approx used to floor at
+// e^-87 ~ 1.6e-38, which a huge state or step showed (1.6e-38 * s ~ 5 in dA at s = 3e38); it now
+// returns 0 itself from x <= -87.68 (scan_cpu_common.h), and this select also zeroes its subnormal
+// results in (-87.68, -87.34), so the huge-gap closed forms never meet a subnormal decay.
 template <bool kNonPos = false>
 MVPP_INLINE float decay_exp(float x) {
   return x < -87.3365448f ? 0.0f : exp_approx<kNonPos>(x);
@@ -353,7 +354,7 @@ MVPP_INLINE void fwd_gap_jump(T* __restrict h, const T* __restrict Ad, const T* 
 #pragma omp simd
   for (int n = 0; n < NP; ++n) {
     const T x = Ad[n] * sg;
-    // (the fast path's caller checked x <= 0; exp_approx's e^-87 floor only shows at huge steps)
+    // (the fast path's caller checked x <= 0)
     const T e = kHuge ? decay_exp<!kSeries>(x) : exp_approx<!kSeries>(x);
     const T hn = h[n];
     const T ch = Cp[n] * hn;

@@ -32,17 +32,25 @@ MVPP_INLINE T fmadd(T a, T b, T c) {
 
 // exp for float, branch-free so `#pragma omp simd` loops over the state vectorise (glibc's expf is
 // scalar). Cody-Waite reduction x = n ln2 + r, a degree-7 polynomial for e^r (Cephes' coefficients),
-// 2^n built from the exponent bits. Max error about 2 ulp on the clamped range; inputs below -87
-// give ~e^-87 (≈ 1.6e-38) instead of an underflow to 0, which is harmless for a decay factor.
+// 2^n built from the exponent bits. Max error about 2 ulp down to log(FLT_MIN) ≈ -87.34.
+// Underflow (issue 16): x is clamped below at kExpLow = -88, where x log2(e) rounds to n = -127, so
+// the exponent bits are 0 and the scale 2^n is exactly +0: every x <= -87.68 (and -inf) gives
+// exactly 0, x in (-87.68, -87.34) a subnormal p * 2^-126 (both within FLT_MIN of e^x). The clamp
+// used to sit at -87, so every x below it gave e^-87 ≈ 1.6e-38 instead of 0; times a huge |A| in a
+// gradient (selective_scan's dΔ = Σ g e^{ΔA} h A with A = -3e38) that floor became an O(1) error.
+// The clamp's value is the whole fix: no extra compare in the hot loops.
 // kNonPos: the caller knows x <= 0 (a decay: A <= 0 and a non-negative step, checked by the caller),
 // so only the lower clamp is applied: GCC compiles the two-sided clamp to a seven-instruction
 // compare/mask sequence and one side to two (mhp_scan's hot loops use it). NaN propagates either way.
+constexpr float kExpLow = -88.0f;
+static_assert(kExpLow * 1.44269504088896341f < -126.5f && kExpLow * 1.44269504088896341f > -127.5f,
+              "exp_approx's lower clamp must round to n = -127 (a zero scale)");
 template <bool kNonPos = false>
 MVPP_INLINE float exp_approx(float x) {
   if constexpr (kNonPos) {
-    x = std::max(x, -87.0f);
+    x = std::max(x, kExpLow);
   } else {
-    x = std::min(std::max(x, -87.0f), 88.0f);
+    x = std::min(std::max(x, kExpLow), 88.0f);
   }
   // Adding 1.5 * 2^23 rounds x*log2(e) to the nearest integer without a rounding instruction.
   const float magic = 12582912.0f;
@@ -61,6 +69,37 @@ MVPP_INLINE float exp_approx(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
+}
+
+// max |p[i]| over n floats, NaN ignored (it propagates through the scan either way), 0 for n = 0.
+// 64 independent lanes hide the max chain's latency (~6 us per 131k floats, a third of one
+// accumulator's). The CPU scans' float64-widening checks (issue 16) use it.
+inline float max_abs(const float* p, int64_t n) {
+  float m[64] = {0.0f};
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+#pragma omp simd
+    for (int j = 0; j < 64; ++j) m[j] = std::max(m[j], std::fabs(p[i + j]));
+  }
+  for (int64_t k = i; k < n; ++k) m[0] = std::max(m[0], std::fabs(p[k]));
+  float r = 0.0f;
+  for (int j = 0; j < 64; ++j) r = std::max(r, m[j]);
+  return r;
+}
+
+// A float32 CPU scan runs in float64 (issue 16) when this bound reaches kWidenFloat64: steps,
+// inputs or readouts that large make Δ u B, the state or C h overflow float32 while the outputs and
+// gradients the loss sees can be finite, and float32 intermediates then give inf - inf = NaN.
+// bound = (max|delta| + max|delta_bias| + 1) max(1, max|u|) max(1, max|B|) max(1, max|C|): the +1
+// covers softplus (softplus(x) <= |x| + log 2) and keeps a small step from hiding a huge u or B.
+// 1e15 is far above what a model feeds (|u|, |B|, |C| ~ 1-100, Δ ~ 1e-3-10 give < 1e7), so the
+// common case pays only the max passes; float64 holds the bound's square with room to spare.
+constexpr double kWidenFloat64 = 1e15;
+
+inline bool float32_may_overflow(float max_delta, float max_bias, float max_u, float max_B, float max_C) {
+  const double bound = (double(max_delta) + double(max_bias) + 1.0) * std::max(1.0, double(max_u)) *
+                       std::max(1.0, double(max_B)) * std::max(1.0, double(max_C));
+  return bound >= kWidenFloat64;
 }
 
 // float64 inputs are the accuracy path: libm.
