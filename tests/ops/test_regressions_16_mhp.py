@@ -220,11 +220,20 @@ def test_mhp_scan_cpu_float32_matches_float64_in_overflow_corners(corner):
     _assert_matches(got, want, f"cpu float32, {corner}")
 
 
+# Open on Triton: the cpu kernel closes these by widening the call to float64 (scan_cpu_common.h), which
+# the float32 Triton kernels do not do; zero or subnormal steps meeting a float32-max gap.
+TRITON_OPEN = {"A tiny, dt huge", "A zero, dt float32 max", "delta 0, dt float32 max",
+               "softplus underflow, dt float32 max"}
+
+
 @pytest.mark.triton
-@pytest.mark.parametrize("corner", [c for c in CORNERS if c not in CPU_OPEN])
+@pytest.mark.parametrize("corner", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="issue 16, open on Triton: needs float64 "
+                                            "intermediates (the cpu kernel widens to float64 here)"))
+    if c in TRITON_OPEN else c for c in CORNERS if c not in CPU_OPEN])
 def test_mhp_scan_triton_float32_matches_float64_in_overflow_corners(corner):
-    """The Triton kernels in the corners the cpu kernel passes (the same guard; CPU_OPEN is open for
-    both). "A and delta 1e30" is the Triton-only one: ddt took the rate A Δ = -inf times e^x = 0."""
+    """The Triton kernels in the overflow corners (the same step cap and closed forms as the cpu kernel).
+    "A and delta 1e30" is the Triton-only one: ddt took the rate A Δ = -inf times e^x = 0."""
     pytest.importorskip("triton")
     kw, sp = _corner(corner)
     want = _run(kw, "reference", sp, as_dtype=torch.float64)
