@@ -90,7 +90,8 @@ def assert_close(
 ) -> None:
     """Compare `actual` with a (float64) reference using the tolerance of `dtype` (default actual's).
 
-    NaN in `actual` where `expected` is finite always fails (an unwritten, poisoned element).
+    NaN in `actual` where `expected` is finite always fails (an unwritten, poisoned element); ±inf must
+    match exactly, and the magnitude-relative tolerance is taken over the finite reference values only.
     `scale` multiplies both tolerances (e.g. for long reductions).
     """
     dtype = dtype or actual.dtype
@@ -104,9 +105,17 @@ def assert_close(
     if (nan_a & ~nan_e).any():
         idx = tuple(int(i) for i in (nan_a & ~nan_e).nonzero()[0])
         raise AssertionError(f"{name}: NaN at {idx} (unwritten or poisoned element) where the reference is finite")
+    # Infinities must match exactly (position and sign); they do not enter the magnitude below, which
+    # would otherwise become inf and let every finite element pass.
+    inf_a, inf_e = torch.isinf(a), torch.isinf(e)
+    bad_inf = (inf_a | inf_e) & ~nan_e & ~(inf_a & inf_e & (torch.sign(a) == torch.sign(e)))
+    if bad_inf.any():
+        idx = tuple(int(i) for i in bad_inf.nonzero()[0])
+        raise AssertionError(f"{name}: {a[idx].item()} at {idx} where the reference is {e[idx].item()}")
     # Tolerance relative to the tensor's own magnitude as well as elementwise: values near zero in a
     # large-magnitude output are judged against the output's scale.
-    mag = e[~nan_e].abs().max().item() if (~nan_e).any() else 0.0
+    fin_e = torch.isfinite(e)
+    mag = e[fin_e].abs().max().item() if fin_e.any() else 0.0
     torch.testing.assert_close(a, e, atol=atol + rtol * 0.1 * mag, rtol=rtol, equal_nan=True, msg=lambda m: f"{name} ({dtype}): {m}")
 
 

@@ -273,3 +273,20 @@ def test_cluster_lookup_kernel_scores_carry_the_reference_gradient(backend):
     assert gq is not None and gk is not None
     torch.testing.assert_close(gq, rq)
     torch.testing.assert_close(gk, rk)
+
+
+def test_assert_close_is_not_disarmed_by_an_infinite_reference():
+    # the harness took its magnitude-relative tolerance over the whole reference, so one inf made the
+    # tolerance inf and every finite element passed (found while fixing the cpu overflow corners)
+    from mvpp_kernels.testing import assert_close
+    inf = float("inf")
+    e = torch.tensor([1.0, inf, -inf, 2.0], dtype=torch.float64)
+    assert_close(e.clone().float(), e)
+    with pytest.raises(AssertionError):
+        assert_close(torch.tensor([1.0, inf, -inf, 1e6]), e)  # finite element far off
+    with pytest.raises(AssertionError, match="where the reference is"):
+        assert_close(torch.tensor([1.0, 3.0, -inf, 2.0]), e)  # finite where the reference is inf
+    with pytest.raises(AssertionError, match="where the reference is"):
+        assert_close(torch.tensor([1.0, -inf, -inf, 2.0]), e)  # wrong sign
+    with pytest.raises(AssertionError, match="where the reference is"):
+        assert_close(torch.tensor([inf, inf, -inf, 2.0]), e)  # inf where the reference is finite
