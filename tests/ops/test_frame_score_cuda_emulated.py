@@ -31,19 +31,24 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the host emulation")
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fs_emul") / "libfs_emul.so"
+def build_emulation(out_dir):
+    """Compile the host emulation of the CUDA frame_score kernels into out_dir and load it (ctypes)."""
+    out = os.path.join(str(out_dir), "libfs_emul.so")
     cmd = ["g++", "-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
            "-I", os.path.join(HERE, "frame_score_emulation"), "-I", os.path.join(ROOT, "csrc", "include"),
-           os.path.join(HERE, "frame_score_emulation", "frame_score_emul.cpp"), "-o", str(out)]
+           os.path.join(HERE, "frame_score_emulation", "frame_score_emul.cpp"), "-o", out]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    so = ctypes.CDLL(str(out))
+    so = ctypes.CDLL(out)
     so.fs_emul_fwd.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.POINTER(ctypes.c_void_p)]
     for f in (so.fs_emul_bwd_rows, so.fs_emul_bwd_frames):
         f.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p)]
     return so
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    return build_emulation(tmp_path_factory.mktemp("fs_emul"))
 
 
 def _arr(vals, ctype):

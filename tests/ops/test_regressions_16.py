@@ -137,18 +137,27 @@ def test_cluster_kernels_still_match_reference_after_guards():
         torch.testing.assert_close(s, t)
 
 
-@pytest.mark.triton
-@pytest.mark.parametrize("bad_id", [2**32 - 2, 2**32 - 1, 2**32 + 5, -3])
-def test_triton_cluster_lookup_refuses_ids_outside_packed_range(bad_id):
-    # issue 16: the Triton scan packs ids into 32 bits, so 2**32 + 5 came back as 5 (silently wrong)
-    pytest.importorskip("triton")
-    g = torch.Generator().manual_seed(161)
+def small_tree(seed, bad_id=None):
+    """A 2-query, 2-coarse, 3-fine, 6-member float32 tree (d = 4) from a seeded generator, as the
+    (queries, coarse, coarse_offsets, fine, fine_offsets, member_keys, member_ids) arguments of
+    cluster_lookup; member 3 gets `bad_id` if given."""
+    g = torch.Generator().manual_seed(seed)
     d = 4
     q, coarse, fine = torch.randn(2, d, generator=g), torch.randn(2, d, generator=g), torch.randn(3, d, generator=g)
     mkeys = torch.randn(6, d, generator=g)
     coff, foff = torch.tensor([0, 1, 3]), torch.tensor([0, 2, 4, 6])
     mids = torch.arange(6, dtype=torch.int64)
-    mids[3] = bad_id
+    if bad_id is not None:
+        mids[3] = bad_id
+    return q, coarse, coff, fine, foff, mkeys, mids
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("bad_id", [2**32 - 2, 2**32 - 1, 2**32 + 5, -3])
+def test_triton_cluster_lookup_refuses_ids_outside_packed_range(bad_id):
+    # issue 16: the Triton scan packs ids into 32 bits, so 2**32 + 5 came back as 5 (silently wrong)
+    pytest.importorskip("triton")
+    q, coarse, coff, fine, foff, mkeys, mids = small_tree(161, bad_id)
     with pytest.raises(ValueError, match="member_ids"):
         cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids, 4, (2, 3), backend="triton")
     # the exact backends carry int64 ids unchanged
@@ -212,17 +221,14 @@ _CUDA_BAD = [
 @pytest.mark.cuda
 @pytest.mark.parametrize("word,bad", _CUDA_BAD, ids=[f"{w}-{i}" for i, (w, _) in enumerate(_CUDA_BAD)])
 def test_cuda_cluster_lookup_kernel_validates_what_it_indexes_with(word, bad):
-    g = torch.Generator().manual_seed(162)
-    d, dev = 4, "cuda"
-    q, coarse, fine = (torch.randn(s, d, generator=g).to(dev) for s in (2, 2, 3))
-    mkeys = torch.randn(6, d, generator=g).to(dev)
-    mids = torch.arange(6, dtype=torch.int64)
+    dev = "cuda"
+    q, coarse, _, fine, _, mkeys, mids = (t.to(dev) for t in small_tree(162))
     if "mids_fix" in bad:
         mids[bad["mids_fix"][0]] = bad["mids_fix"][1]
     coff = torch.tensor(bad.get("coff", [0, 1, 3]), device=dev)
     foff = torch.tensor(bad.get("foff", [0, 2, 4, 6]), device=dev)
     with pytest.raises(RuntimeError, match=word):
-        torch.ops.mvpp.cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids.to(dev), 2, 2, 3, None)
+        torch.ops.mvpp.cluster_lookup(q, coarse, coff, fine, foff, mkeys, mids, 2, 2, 3, None)
     torch.cuda.synchronize()  # no asynchronous illegal access left behind
 
 

@@ -41,21 +41,7 @@ BACKENDS = [
 
 @pytest.fixture(scope="module")
 def emul_lib(tmp_path_factory):
-    import ctypes
-    import os
-    import subprocess
-
-    out = tmp_path_factory.mktemp("fs_emul16") / "libfs_emul.so"
-    cmd = ["g++", "-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Werror",
-           "-I", os.path.join(emu.HERE, "frame_score_emulation"), "-I", os.path.join(emu.ROOT, "csrc", "include"),
-           os.path.join(emu.HERE, "frame_score_emulation", "frame_score_emul.cpp"), "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    so = ctypes.CDLL(str(out))
-    so.fs_emul_fwd.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_float, ctypes.POINTER(ctypes.c_void_p)]
-    for f in (so.fs_emul_bwd_rows, so.fs_emul_bwd_frames):
-        f.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p)]
-    return so
+    return emu.build_emulation(tmp_path_factory.mktemp("fs_emul16"))
 
 
 def _cotangents(B, T, F, k, seed=16):

@@ -12,6 +12,7 @@ import torch
 
 from mvpp_kernels import mhp_scan
 from mvpp_kernels.testing import assert_close
+from test_regressions_16 import small_tree
 
 F32_MAX = torch.finfo(torch.float32).max
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "dt", "dt_end")
@@ -264,17 +265,6 @@ def test_mhp_scan_accepts_minus_inf_in_A():
 # ---------------------------------------------------------------------------------------------
 # 4. Triton cluster_lookup: the id-range check must run in the op, not the (traced) wrapper
 # ---------------------------------------------------------------------------------------------
-def _tree(bad_id):
-    g = torch.Generator().manual_seed(164)
-    d = 4
-    q, coarse, fine = torch.randn(2, d, generator=g), torch.randn(2, d, generator=g), torch.randn(3, d, generator=g)
-    mkeys = torch.randn(6, d, generator=g)
-    coff, foff = torch.tensor([0, 1, 3]), torch.tensor([0, 2, 4, 6])
-    mids = torch.arange(6, dtype=torch.int64)
-    mids[3] = bad_id
-    return q, coarse, coff, fine, foff, mkeys, mids
-
-
 @pytest.mark.triton
 @pytest.mark.parametrize("bad_id", [2**32 - 2, 2**32 + 5, -3])
 def test_triton_cluster_lookup_op_checks_ids_itself(bad_id):
@@ -283,7 +273,7 @@ def test_triton_cluster_lookup_op_checks_ids_itself(bad_id):
     pytest.importorskip("triton")
     from mvpp_kernels.ops.cluster_lookup import triton as _triton  # noqa: F401  (registers the op)
 
-    args = _tree(bad_id)
+    args = small_tree(164, bad_id)
     with pytest.raises(ValueError, match=r"member_ids must lie in \[0, 4294967294\)"):
         torch.ops.mvpp.cluster_lookup_triton(*args, 4, 2, 3, None)
     with pytest.raises(ValueError, match="member_ids"):
@@ -314,8 +304,8 @@ def test_triton_cluster_lookup_id_check_runs_under_torch_compile(monkeypatch, co
     fn = torch.compile(lambda *a: cluster_lookup(*a, 4, (2, 3), backend="triton"), backend=compile_backend,
                        fullgraph=True)
     try:
-        assert fn(*_tree(5))[1].shape == (2, 4)
+        assert fn(*small_tree(164, 5))[1].shape == (2, 4)
         with pytest.raises(ValueError, match=r"member_ids must lie in \[0, 4294967294\)"):
-            fn(*_tree(2**32 + 5))
+            fn(*small_tree(164, 2**32 + 5))
     finally:
         torch._dynamo.reset()
