@@ -152,6 +152,26 @@ def _assert_matches_with_infinities(got, want, what):
         assert_close(a[fin], w[fin], grad=name.startswith("d"), name=f"{what} {name}")
 
 
+# Corners where a step Δ, an input u or a B entry is so large that Δ u (B) overflows float32, as
+# (tensor, index, value) edits of the random inputs plus delta_softplus; shared by both ops below (the
+# last-step/event index differs with L). Float32's max itself rounds to inf in bfloat16, hence 3e38.
+_OVERFLOW_EDITS = {
+    "delta 3e38, u 2": ([("delta", (0, 0, 1), 3e38), ("u", (0, 0, 1), 2.0)], False),
+    "delta 1e38, u 8, softplus": ([("delta", (0, 0, 1), 1e38), ("u", (0, 0, 1), 8.0)], True),
+    # a modest step, a huge input: Δ u overflows all the same
+    "u 3e38, delta 2": ([("u", (0, 0, 1), 3e38), ("delta", (0, 0, 1), 2.0)], False),
+    "B 3e38, u 3": ([("B", (0, -1, 1), 3e38), ("u", (0, 0, 1), 3.0), ("delta", (0, 0, 1), 1.5)], False),
+}
+
+
+def _apply_edits(kw, edits):
+    for name, index, value in edits:
+        kw[name][index] = value
+    return kw
+
+
+SS_OVERFLOW_EDITS = dict(_OVERFLOW_EDITS, **{
+    "delta 3e38 at the last step": ([("delta", (0, 1, 6), 3e38), ("u", (0, 1, 6), 4.0)], False)})
 SS_OVERFLOW = ["delta 3e38, u 2", "delta 1e38, u 8, softplus", "delta 3e38 at the last step", "u 3e38, delta 2",
                "B 3e38, u 3"]
 
@@ -160,25 +180,8 @@ SS_OVERFLOW = ["delta 3e38, u 2", "delta 1e38, u 8, softplus", "delta 3e38 at th
 @pytest.mark.parametrize("N", [1, 3, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_selective_scan_matches_float64_when_delta_u_overflows_float32(dtype, N, corner):
-    kw = _inputs(N, dtype)
-    sp = False
-    if corner == "delta 3e38, u 2":  # (float32's max itself rounds to inf in bfloat16)
-        kw["delta"][0, 0, 1] = 3e38
-        kw["u"][0, 0, 1] = 2.0
-    elif corner == "delta 1e38, u 8, softplus":
-        kw["delta"][0, 0, 1] = 1e38
-        kw["u"][0, 0, 1] = 8.0
-        sp = True
-    elif corner == "delta 3e38 at the last step":
-        kw["delta"][0, 1, 6] = 3e38
-        kw["u"][0, 1, 6] = 4.0
-    elif corner == "u 3e38, delta 2":  # a modest step, a huge input: Δ u overflows all the same
-        kw["u"][0, 0, 1] = 3e38
-        kw["delta"][0, 0, 1] = 2.0
-    else:
-        kw["B"][0, N - 1, 1] = 3e38
-        kw["u"][0, 0, 1] = 3.0
-        kw["delta"][0, 0, 1] = 1.5
+    edits, sp = SS_OVERFLOW_EDITS[corner]
+    kw = _apply_edits(_inputs(N, dtype), edits)
     want, mask = _run_masked(kw, "reference", sp, as_dtype=torch.float64)
     assert not any(torch.isnan(w).any() for w in want.values()), "the corner must have a NaN-free reference"
     assert any(w.abs().max() > 1e36 for w in want.values()), "the corner must reach float32's top"
@@ -227,39 +230,18 @@ def _mhp_run(kw, backend, delta_softplus, as_dtype=None, ymask=None):
     return outs, ymask
 
 
+MHP_CORNER_EDITS = dict(_OVERFLOW_EDITS, **{
+    "delta 3e38 at the last event": ([("delta", (0, 1, 4), 3e38), ("u", (0, 1, 4), 4.0)], False),
+    "delta 1e38, u 8, dt float32 max": ([("delta", (1, 2, 1), 1e38), ("u", (1, 2, 1), 8.0),
+                                         ("dt", (1, 2), F32_MAX)], False),
+    "delta 1e-30, dt float32 max": ([("delta", (0, 0, 1), 1e-30), ("dt", (0, 2), F32_MAX)], False),
+    "delta 0, dt_end float32 max": ([("delta", (0, 2, 4), 0.0), ("dt_end", (0,), F32_MAX)], False),
+})
+
+
 def _mhp_corner(name, N, dtype):
-    kw = _mhp_inputs(N, dtype)
-    sp = False
-    if name == "delta 3e38, u 2":  # (float32's max itself rounds to inf in bfloat16)
-        kw["delta"][0, 0, 1] = 3e38
-        kw["u"][0, 0, 1] = 2.0
-    elif name == "delta 1e38, u 8, softplus":
-        kw["delta"][0, 0, 1] = 1e38
-        kw["u"][0, 0, 1] = 8.0
-        sp = True
-    elif name == "delta 3e38 at the last event":
-        kw["delta"][0, 1, 4] = 3e38
-        kw["u"][0, 1, 4] = 4.0
-    elif name == "delta 1e38, u 8, dt float32 max":
-        kw["delta"][1, 2, 1] = 1e38
-        kw["u"][1, 2, 1] = 8.0
-        kw["dt"][1, 2] = F32_MAX
-    elif name == "delta 1e-30, dt float32 max":
-        kw["delta"][0, 0, 1] = 1e-30
-        kw["dt"][0, 2] = F32_MAX
-    elif name == "u 3e38, delta 2":
-        kw["u"][0, 0, 1] = 3e38
-        kw["delta"][0, 0, 1] = 2.0
-    elif name == "B 3e38, u 3":
-        kw["B"][0, N - 1, 1] = 3e38
-        kw["u"][0, 0, 1] = 3.0
-        kw["delta"][0, 0, 1] = 1.5
-    elif name == "delta 0, dt_end float32 max":
-        kw["delta"][0, 2, 4] = 0.0
-        kw["dt_end"][0] = F32_MAX
-    else:
-        raise KeyError(name)
-    return kw, sp
+    edits, sp = MHP_CORNER_EDITS[name]
+    return _apply_edits(_mhp_inputs(N, dtype), edits), sp
 
 
 MHP_CORNERS = ["delta 3e38, u 2", "delta 1e38, u 8, softplus", "delta 3e38 at the last event",
