@@ -19,7 +19,7 @@ from .reference import cluster_lookup_ref, route_ref
 __all__ = ["cluster_lookup", "cluster_lookup_ref", "route_ref"]
 
 _KERNEL_NAME = "cluster_lookup"
-KERNEL_ID_LIMIT = 2**32 - 2  # ids the Triton/CUDA sort-key packing carries exactly
+KERNEL_ID_LIMIT = MAX_ID  # ids the Triton/CUDA sort-key packing carries exactly (exact_search's bound)
 register_op_info("cluster_lookup", _KERNEL_NAME, ("cuda", "triton", "cpu", "reference"))
 
 
@@ -58,6 +58,15 @@ def validate_tree(coarse_centroids, coarse_offsets, fine_centroids, fine_offsets
     check_tensor("member_ids", member_ids, shape=(m,), dims="(m,) one id per member")
     if member_ids.is_floating_point():
         raise TypeError(f"member_ids must be an integer tensor, got {member_ids.dtype}")
+
+
+def check_kernel_ids(member_ids: torch.Tensor, backend: str) -> None:
+    """Raise unless every id lies in [0, KERNEL_ID_LIMIT), the range the kernels' packed keys carry."""
+    if member_ids.numel():
+        lo, hi = int(member_ids.min()), int(member_ids.max())
+        if lo < 0 or hi >= KERNEL_ID_LIMIT:
+            raise ValueError(f"member_ids must lie in [0, {KERNEL_ID_LIMIT}) for backend {backend!r} "
+                             f"(ids are packed into 32 bits), got ids in [{lo}, {hi}]; use backend='cpu' or 'reference'")
 
 
 def cluster_lookup(
@@ -139,13 +148,11 @@ def cluster_lookup(
         name = "reference"
     if name == "reference":
         return cluster_lookup_ref(*args)
-    if name == "cuda" and not torch.compiler.is_compiling() and member_ids.numel():
+    if name == "cuda" and not torch.compiler.is_compiling():
         # the CUDA kernel packs each id into the low 32 bits of an int64 sort key (the Triton op
-        # checks its ids itself, also under torch.compile: see triton.py)
-        lo, hi = int(args[6].min()), int(args[6].max())
-        if lo < 0 or hi >= KERNEL_ID_LIMIT:
-            raise ValueError(f"member_ids must lie in [0, {KERNEL_ID_LIMIT}) for backend {name!r} "
-                             f"(ids are packed into 32 bits), got ids in [{lo}, {hi}]; use backend='cpu' or 'reference'")
+        # checks its ids itself, also under torch.compile: see triton.py; the CUDA binding checks
+        # them again on the device)
+        check_kernel_ids(args[6], name)
     # The kernels have no backward (issue 16: with member_keys.requires_grad the scores claimed a gradient
     # and backward gave none). Run them on detached inputs and attach the gradient of <q, key of the
     # returned id>, exactly what the reference's autograd gives; the scores keep the kernel's values.

@@ -17,18 +17,14 @@ from typing import Optional
 import torch
 
 from ..exact_search.triton import scan_topk
-from . import KERNEL_ID_LIMIT, _fake
+from . import _fake, check_kernel_ids
 from .reference import route_ref
 
 
 @torch.library.custom_op("mvpp::cluster_lookup_check_ids", mutates_args=())
 def cluster_lookup_check_ids(member_ids: torch.Tensor) -> torch.Tensor:
     """Raise unless every id lies in [0, KERNEL_ID_LIMIT); return an int64 zero (see the module docstring)."""
-    if member_ids.numel():
-        lo, hi = int(member_ids.min()), int(member_ids.max())
-        if lo < 0 or hi >= KERNEL_ID_LIMIT:
-            raise ValueError(f"member_ids must lie in [0, {KERNEL_ID_LIMIT}) for backend 'triton' (ids are packed "
-                             f"into 32 bits), got ids in [{lo}, {hi}]; use backend='cpu' or 'reference'")
+    check_kernel_ids(member_ids, "triton")
     return member_ids.new_zeros((), dtype=torch.int64)
 
 
