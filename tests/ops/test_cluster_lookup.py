@@ -402,6 +402,16 @@ def test_opcheck_triton_ops_cpu_subset():
     torch.library.opcheck(clt.cluster_lookup_triton, cl, test_utils=CPU_OPCHECK_UTILS)
 
 
+@pytest.mark.triton
+def test_opcheck_triton_id_check_op():
+    # the opaque id-range check the Triton op calls (issue 16) is pure torch: the full opcheck runs on CPU
+    from mvpp_kernels.ops.cluster_lookup import triton as clt
+
+    _, cl = _op_args()
+    torch.library.opcheck(clt.cluster_lookup_check_ids, (cl[6],))
+    torch.library.opcheck(clt.cluster_lookup_check_ids, (cl[6][:0],))
+
+
 @pytest.mark.cuda
 def test_opcheck_gpu():
     from mvpp_kernels.ops.cluster_lookup import triton as clt
